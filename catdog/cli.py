@@ -1,0 +1,46 @@
+"""What every job entrypoint shares: logging set-up and mapping errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from catdog.errors import CatdogError
+from catdog.runtime import quiet_environment
+
+EXIT_USER_ERROR = 2  # bad argument, missing or empty input, output already there, unloadable model
+EXIT_FAILURE = 1  # anything unexpected; the traceback is kept
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Concise `time level message` lines for catdog; TensorFlow and Ray kept quiet."""
+    quiet_environment()
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for noisy in ("ray", "tensorflow", "absl", "h5py", "matplotlib", "PIL", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="debug logging, including Ray's and TensorFlow's")
+
+
+def run_job(job: Callable[[], object]) -> None:
+    """Run a job's main function and exit: 0 on success, 2 on a user mistake, 1 otherwise."""
+    try:
+        job()
+    except CatdogError as exc:
+        logging.getLogger("catdog").error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(0)

@@ -1,0 +1,193 @@
+"""The model: ResNet50 preprocessing, the frozen backbone, the classifier head, save and load.
+
+This is the only module that knows about ResNet50 and its preprocessing. A full model maps RGB
+pixels in [0, 255] (any float or uint8 dtype) at `image_size` to class probabilities:
+
+    pixels -> ResNet50Preprocess -> ResNet50 (frozen, training=False) -> head -> probabilities
+
+The head is trained on cached backbone features or end to end; either way the saved `.keras`
+file holds preprocessing, backbone and head, and loads in Keras safe mode without Lambda layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from catdog import storage
+from catdog.errors import ModelLoadError
+from catdog.runtime import configure_tensorflow
+
+configure_tensorflow()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+BACKBONE_FEATURES = 2048  # channels of ResNet50's last block
+HEADS = ("gap", "flatten")
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+MODEL_FILENAME = "model.keras"
+
+
+@keras.saving.register_keras_serializable(package="catdog")
+class ResNet50Preprocess(keras.layers.Layer):
+    """`keras.applications.resnet50.preprocess_input` as a serialisable layer (RGB->BGR, minus the
+    ImageNet mean). A layer rather than a Lambda so the saved model loads in safe mode."""
+
+    def call(self, inputs):
+        return keras.applications.resnet50.preprocess_input(keras.ops.cast(inputs, self.compute_dtype))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the architecture; saved with the model as config."""
+
+    num_classes: int
+    image_size: int = 180
+    head: str = "gap"  # "gap": pooled features -> Dense; "flatten": the tutorial's Flatten head
+    hidden_units: int = 384
+    dropout: float = 0.2
+    temperature: float = 1.0  # softmax temperature fitted on validation data after training
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.num_classes < 2:
+            raise ValueError("a classifier needs at least 2 classes")
+        if self.image_size < 32:
+            raise ValueError("ResNet50 needs images of at least 32x32 pixels")
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one backbone feature: pooled vector, or the spatial map for the Flatten head."""
+        if self.head == "gap":
+            return (BACKBONE_FEATURES,)
+        side = -(-self.image_size // 32)  # ResNet50 downsamples by 32, rounding up
+        return (side, side, BACKBONE_FEATURES)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _resolve_weights(weights: str | None) -> str | None:
+    """'imagenet', None (random init) or a local path to a weights file (URIs copied locally)."""
+    if weights in (None, "none", "None"):
+        return None
+    if weights == "imagenet":
+        return "imagenet"
+    if not storage.exists(weights):
+        raise ModelLoadError(f"weights file not found: {weights}")
+    if storage.is_uri(weights):
+        local = Path(tempfile.mkdtemp(prefix="catdog-weights-")) / Path(weights).name
+        return str(storage.copy_to_local(weights, local))
+    return str(Path(weights).expanduser().resolve())
+
+
+def build_feature_extractor(spec: ModelSpec, weights: str | None = "imagenet", seed: int = 0) -> keras.Model:
+    """Pixels [0, 255] -> frozen backbone features (pooled for the gap head, the map for flatten).
+
+    With `weights=None` the random initialisation is seeded, so every process that builds the
+    extractor with the same seed gets the same backbone (cached features stay valid).
+    """
+    local_weights = _resolve_weights(weights)
+    if local_weights is None:
+        keras.utils.set_random_seed(seed)
+    try:
+        backbone = keras.applications.ResNet50(
+            include_top=False,
+            weights=local_weights,
+            input_shape=(spec.image_size, spec.image_size, 3),
+            pooling="avg" if spec.head == "gap" else None,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load backbone weights {weights!r}: {exc}") from exc
+    backbone.trainable = False
+    pixels = keras.Input((spec.image_size, spec.image_size, 3), name="pixels")
+    features = backbone(ResNet50Preprocess(name="preprocess")(pixels), training=False)
+    return keras.Model(pixels, features, name="feature_extractor")
+
+
+def build_head(spec: ModelSpec) -> keras.Model:
+    """Features -> class probabilities. Temperature divides the logits; softmax stays float32."""
+    features = keras.Input(spec.feature_shape, name="features")
+    x = keras.layers.Flatten(name="flatten")(features) if spec.head == "flatten" else features
+    x = keras.layers.Dense(spec.hidden_units, activation="relu", name="hidden")(x)
+    x = keras.layers.Dropout(spec.dropout, name="dropout")(x)
+    logits = keras.layers.Dense(spec.num_classes, name="logits")(x)
+    scaled = keras.layers.Rescaling(1.0 / spec.temperature, name="temperature")(logits)
+    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(scaled)
+    return keras.Model(features, probabilities, name="head")
+
+
+def build_model(extractor: keras.Model, head: keras.Model) -> keras.Model:
+    """Compose the full pixels -> probabilities model from an extractor and a head."""
+    pixels = keras.Input(extractor.input_shape[1:], name="pixels")
+    probabilities = head(extractor(pixels, training=False))
+    return keras.Model(pixels, probabilities, name="catdog_classifier")
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """A short hash of a model's weight values: identifies a backbone for the feature cache."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_file(location: str) -> str:
+    """The model file of a run folder, or the file itself when `location` names a .keras file."""
+    return location if location.endswith(".keras") else storage.join(location, MODEL_FILENAME)
+
+
+def model_id(location: str) -> str:
+    """A hash of the model artifact's bytes, written into every prediction row."""
+    return hashlib.sha256(storage.read_bytes(model_file(location))).hexdigest()[:16]
+
+
+def save_model(model: keras.Model, location: str) -> None:
+    """Save a full model as `.keras` to a local path or URI."""
+    with tempfile.TemporaryDirectory(prefix="catdog-save-") as tmp:
+        local = Path(tmp) / MODEL_FILENAME
+        model.save(local)
+        storage.write_bytes(location, local.read_bytes())
+
+
+def _set_dtype_policy(config: object, policy: str) -> object:
+    """Return a copy of a model config with every layer's dtype set to `policy`, except the final
+    softmax, which stays float32 for numerically sound probabilities."""
+    if isinstance(config, list):
+        return [_set_dtype_policy(item, policy) for item in config]
+    if not isinstance(config, dict):
+        return config
+    out = {key: _set_dtype_policy(value, policy) for key, value in config.items()}
+    if "dtype" in out and isinstance(out["dtype"], dict) and out.get("name") != "probabilities":
+        out["dtype"] = policy
+    return out
+
+
+def load_model(location: str, precision: str = "float32") -> keras.Model:
+    """Load a run folder's (or a `.keras` file's) model in Keras safe mode at a given precision.
+
+    Raises:
+        ModelLoadError: the file is missing, not a Keras model, or holds unsafe layers (Lambda).
+    """
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    path = model_file(location)
+    if not storage.exists(path):
+        raise ModelLoadError(f"no model at {path} (expected a training run folder or a .keras file)")
+    with tempfile.TemporaryDirectory(prefix="catdog-load-") as tmp:
+        local = storage.copy_to_local(path, Path(tmp) / MODEL_FILENAME)
+        try:
+            model = keras.saving.load_model(local, safe_mode=True, compile=False)
+        except Exception as exc:  # noqa: BLE001 - any failure to load is the user's artifact
+            hint = " (Lambda layers are refused: catdog loads models in Keras safe mode)" if "lambda" in str(exc).lower() else ""
+            raise ModelLoadError(f"could not load model {path}: {exc}{hint}") from exc
+    if precision == "float32":
+        return model
+    config = _set_dtype_policy(model.get_config(), PRECISIONS[precision])
+    low_precision = keras.Model.from_config(config)
+    low_precision.set_weights(model.get_weights())
+    return low_precision

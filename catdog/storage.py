@@ -1,0 +1,124 @@
+"""Local paths and object-store URIs (s3://, gs://, file://) through pyarrow filesystems."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow.fs as pafs
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One listed file: its normalised URI-or-path, size in bytes and mtime in nanoseconds."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def is_uri(location: str) -> bool:
+    """True for scheme-qualified locations such as s3://bucket/key (file:// included)."""
+    return "://" in location
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path inside it) for a local path or URI."""
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def to_location(location: str, inner_path: str) -> str:
+    """Turn a filesystem-internal path back into the user-facing form (keeps the URI scheme)."""
+    if is_uri(location):
+        scheme = location.split("://", 1)[0]
+        return f"{scheme}://{inner_path.lstrip('/')}" if scheme != "file" else f"file://{inner_path}"
+    return inner_path
+
+
+def join(location: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI."""
+    if is_uri(location):
+        return posixpath.join(location.rstrip("/"), *parts)
+    return str(Path(location).expanduser().joinpath(*parts))
+
+
+def exists(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def list_files(location: str, extensions: Iterable[str] | None = None) -> list[FileEntry]:
+    """Recursively list regular files under a folder, sorted by path, optionally by extension.
+
+    Symlinks are followed by the local filesystem; callers that must not leave the folder
+    filter with `inside_folder`.
+    """
+    fs, root = resolve(location)
+    selector = pafs.FileSelector(root, recursive=True, allow_not_found=False)
+    wanted = tuple(e.lower() for e in extensions) if extensions else None
+    entries = []
+    for info in fs.get_file_info(selector):
+        if info.type != pafs.FileType.File:
+            continue
+        if wanted and not info.path.lower().endswith(wanted):
+            continue
+        mtime_ns = info.mtime_ns if info.mtime_ns is not None else 0
+        entries.append(FileEntry(to_location(location, info.path), int(info.size or 0), int(mtime_ns)))
+    entries.sort(key=lambda e: e.path)
+    return entries
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = resolve(location)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a whole file; parents are created on local filesystems."""
+    fs, path = resolve(location)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode("utf-8"))
+
+
+def write_json(location: str, payload: object) -> None:
+    write_text(location, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(location: str) -> object:
+    return json.loads(read_bytes(location).decode("utf-8"))
+
+
+def make_dirs(location: str) -> None:
+    fs, path = resolve(location)
+    fs.create_dir(path, recursive=True)
+
+
+def delete_file(location: str) -> None:
+    fs, path = resolve(location)
+    fs.delete_file(path)
+
+
+def copy_to_local(location: str, local_path: str | Path) -> Path:
+    """Copy a file from any filesystem to a local path (Keras needs local files)."""
+    local_path = Path(local_path)
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+    local_path.write_bytes(read_bytes(location))
+    return local_path
