@@ -1,0 +1,124 @@
+"""The model module: preprocessing inside the model, frozen backbone, heads, safe save/load, precision."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from catdog import model as M
+from catdog.errors import ModelLoadError
+
+keras = M.keras
+SPEC = M.ModelSpec(num_classes=3, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    extractor = M.build_feature_extractor(SPEC, weights=None, seed=3)
+    full = M.build_model(extractor, M.build_head(SPEC))
+    M.save_model(full, str(run / M.MODEL_FILENAME))
+    return run, full, extractor
+
+
+def _pixels(n=4, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3)).astype("float32")
+
+
+def test_preprocessing_is_resnet50_preprocess_input(saved_run):
+    _, _, extractor = saved_run
+    backbone = extractor.get_layer("resnet50")
+    x = _pixels()
+    expected = backbone(keras.applications.resnet50.preprocess_input(x.copy()), training=False)
+    np.testing.assert_allclose(extractor(x), expected, atol=1e-5)
+
+
+def test_backbone_frozen_and_head_small():
+    extractor = M.build_feature_extractor(SPEC, weights=None)
+    assert extractor.trainable_weights == []
+    gap = M.build_head(M.ModelSpec(num_classes=2, image_size=180))
+    flatten = M.build_head(M.ModelSpec(num_classes=2, image_size=180, head="flatten"))
+    assert gap.count_params() < 1_000_000 < 28_000_000 < flatten.count_params()
+
+
+def test_saved_model_loads_in_safe_mode_with_identical_outputs(saved_run):
+    run, full, _ = saved_run
+    loaded = M.load_model(str(run))
+    x = _pixels(seed=1)
+    np.testing.assert_array_equal(loaded(x), full(x))
+    with zipfile.ZipFile(run / M.MODEL_FILENAME) as archive:
+        config = archive.read("config.json").decode()
+    assert "Lambda" not in config and "ResNet50Preprocess" in config
+    assert len(M.model_id(str(run))) == 16
+
+
+def test_bfloat16_within_tolerance_and_softmax_float32(saved_run):
+    run, full, _ = saved_run
+    low = M.load_model(str(run), precision="bfloat16")
+    x = _pixels(seed=2)
+    probs = np.asarray(low(x))
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs, np.asarray(full(x)), atol=0.05)
+
+
+def test_temperature_softens_probabilities():
+    hot = M.build_head(M.ModelSpec(num_classes=2, image_size=32, temperature=1.0))
+    cold = M.build_head(M.ModelSpec(num_classes=2, image_size=32, temperature=4.0))
+    cold.set_weights(hot.get_weights())
+    features = np.random.default_rng(0).normal(size=(8, M.BACKBONE_FEATURES)).astype("float32") * 5
+    assert np.asarray(cold(features)).max(axis=1).mean() < np.asarray(hot(features)).max(axis=1).mean()
+
+
+def test_weights_file_gives_identical_backbone(tmp_path):
+    source = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")
+    weights_file = tmp_path / "resnet50_notop.weights.h5"
+    source.save_weights(weights_file)
+    extractor = M.build_feature_extractor(SPEC, weights=str(weights_file))
+    x = _pixels(seed=3)
+    expected = source(keras.applications.resnet50.preprocess_input(x.copy()), training=False)
+    np.testing.assert_allclose(extractor(x), expected, atol=1e-5)
+
+
+def test_missing_or_bad_weights_and_models_are_user_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="weights file not found"):
+        M.build_feature_extractor(SPEC, weights=str(tmp_path / "nope.h5"))
+    with pytest.raises(ModelLoadError, match="no model at"):
+        M.load_model(str(tmp_path))
+    (tmp_path / M.MODEL_FILENAME).write_bytes(b"not a zip")
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        M.load_model(str(tmp_path))
+
+
+def test_lambda_layer_model_is_refused(tmp_path):
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Lambda(lambda t: t * 2)(inputs)
+    keras.Model(inputs, outputs).save(tmp_path / M.MODEL_FILENAME)
+    with pytest.raises(ModelLoadError, match="Lambda layers are refused"):
+        M.load_model(str(tmp_path))
+
+
+def test_random_backbone_is_identical_across_processes():
+    """Cached features stay valid only if every process builds the same seeded random backbone."""
+    code = (
+        "from catdog import model as M;"
+        "print(M.weights_fingerprint(M.build_feature_extractor(M.ModelSpec(2, 32), None, seed=5)))"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True) for _ in range(2)]
+    prints = [r.stdout.strip().splitlines()[-1] for r in runs]
+    here = M.weights_fingerprint(M.build_feature_extractor(M.ModelSpec(2, 32), None, seed=5))
+    assert prints[0] == prints[1] == here
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError):
+        M.ModelSpec(num_classes=1)
+    with pytest.raises(ValueError):
+        M.ModelSpec(num_classes=2, head="attention")
+    assert M.ModelSpec(2, 180, head="flatten").feature_shape == (6, 6, 2048)
+    assert json.loads(json.dumps(SPEC.to_dict()))["num_classes"] == 3
