@@ -1,0 +1,41 @@
+"""Summarise a predictions folder: rows, errors by kind, label counts, confidence, throughput.
+
+Scans the Parquet in batches (never loads it whole), prints a summary and writes report.json
+and confidence.png to --output (default: a sibling folder "<PREDICTIONS_DIR>-report").
+
+    ray job submit --working-dir . -- python -m jobs.report s3://bucket/predictions --threshold 0.8
+
+Runs without Ray too: python -m jobs.report runs/predictions --output runs/predictions-report
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from catdog.cli import add_common_arguments, configure_logging, run_job
+from catdog.report import ReportConfig, format_report, report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("predictions", help="predictions folder written by jobs.score or jobs.evaluate (path or URI)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="confidence below this is low (default 0.5)")
+    parser.add_argument("--output", default=None, help="folder for report.json and confidence.png")
+    parser.add_argument("--bins", type=int, default=20, help="confidence histogram bins (default 20)")
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.verbose)
+
+    def job() -> None:
+        config = ReportConfig(args.predictions, threshold=args.threshold, output=args.output, bins=args.bins)
+        print(format_report(report(config)))
+
+    run_job(job)
+
+
+if __name__ == "__main__":
+    main()
