@@ -83,11 +83,57 @@ def worker_runtime_env() -> dict:
     return {"env_vars": dict(QUIET_ENV)}
 
 
+# On Linux Ray replaces a loopback node address by the machine's external one and its GCS,
+# raylet, object manager, workers and agents then listen on every interface. With "clusters"
+# switched off, as Ray does on macOS and Windows, the node address stays 127.0.0.1 and every one
+# of them binds to loopback (measured with /proc/net/tcp; tests/test_local_security.py).
+_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Start Ray's processes with clusters disabled; restore the driver's environment after.
+
+    The processes started inside inherit the variable for their whole life; the driver gets it
+    back as it was, so a later `init_ray(address=...)` in this process can still join a cluster.
+    """
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(_LOCAL_ONLY_ENV)
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; Ray may be imported already
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(_LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[_LOCAL_ONLY_ENV] = saved_env
+
+
+def _job_env_vars() -> dict:
+    """env_vars of the Ray job this driver runs in (`ray job submit --runtime-env-json`), if any."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return dict(runtime_env.get("env_vars") or {})
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS/`address`, or start a local Ray bound to localhost.
 
-    A local Ray gets no dashboard (nothing to listen on beyond what Ray itself needs) and its
-    session files under RAY_TMPDIR when set.
+    A local Ray gets no dashboard, every process it starts listens on 127.0.0.1 only, and its
+    session files go under RAY_TMPDIR when set. Inside a submitted job, variables the job's
+    runtime_env sets win over catdog's quiet defaults (Ray refuses to merge conflicting keys).
     """
     quiet_environment()
     import ray
@@ -95,8 +141,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    job_env = _job_env_vars()
+    runtime_env = worker_runtime_env()
+    runtime_env["env_vars"] = {k: v for k, v in runtime_env["env_vars"].items() if k not in job_env}
     kwargs: dict = {
-        "runtime_env": worker_runtime_env(),
+        "runtime_env": runtime_env,
         "log_to_driver": True,
         "logging_level": logging.WARNING,
         "configure_logging": True,
@@ -106,8 +155,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, **kwargs)
         return
     kwargs.update(include_dashboard=False, num_cpus=num_cpus)
-    ray.init(**kwargs)
-    logger.info("Started local Ray: %s", ray.cluster_resources())
+    with _loopback_only():
+        ray.init(_node_ip_address=LOOPBACK, **kwargs)
+    logger.info("Started local Ray on %s: %s", LOOPBACK, ray.cluster_resources())
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = True
