@@ -27,6 +27,7 @@ SUCCESS_FILE = "_SUCCESS.json"
 REPORT_FILE = "report.json"
 CONFIDENCE_PLOT = "confidence.png"
 REQUIRED_COLUMNS = ("label", "confidence", "error")
+PARTITION_PREFIX = "label="  # jobs.score --partition-by label writes hive folders
 OPTIONAL_COLUMNS = ("model_id", "scored_at", "true_label")
 # Keys a scoring run may use for its throughput in _SUCCESS.json, most specific first.
 THROUGHPUT_KEYS = ("images_per_second", "images_per_s", "throughput_images_per_s", "rows_per_second", "throughput")
@@ -54,16 +55,17 @@ class ReportConfig:
         return self.output or f"{self.predictions.rstrip('/')}-report"
 
 
-def _parquet_files(location: str) -> tuple[pafs.FileSystem, list[str]]:
+def _parquet_files(location: str) -> tuple[pafs.FileSystem, str, list[str]]:
     """The Parquet files of a folder, skipping hidden and `_`-prefixed entries (markers, quarantine)."""
     if not storage.exists(location):
         raise InputError(f"predictions folder not found: {location}")
     if not storage.is_dir(location):
         raise InputError(f"predictions must be a folder of Parquet files: {location}")
     fs, root = storage.resolve(location)
+    root = root.rstrip("/")
     files = []
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        relative = info.path[len(root.rstrip("/")) + 1 :]
+        relative = info.path[len(root) + 1 :]
         if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
             continue
         if any(part.startswith(("_", ".")) for part in relative.split("/")):
@@ -71,13 +73,25 @@ def _parquet_files(location: str) -> tuple[pafs.FileSystem, list[str]]:
         files.append(info.path)
     if not files:
         raise InputError(f"no .parquet files in {location}")
-    return fs, sorted(files)
+    return fs, root, sorted(files)
 
 
-def _open_dataset(location: str) -> ds.Dataset:
-    fs, files = _parquet_files(location)
+def open_predictions(location: str) -> ds.Dataset:
+    """A pyarrow dataset over a predictions folder, flat or partitioned into `label=<class>/`.
+
+    Partition values are read as strings (a class named "1" stays "1"); the scorer's folder for
+    unscored rows, `label=__HIVE_DEFAULT_PARTITION__`, reads back as a null label.
+
+    Raises:
+        InputError: missing folder, no Parquet, unreadable Parquet, or not catdog's columns.
+    """
+    fs, root, files = _parquet_files(location)
+    partitioned = any(f"/{PARTITION_PREFIX}" in f[len(root):] for f in files)
+    partitioning = ds.partitioning(pa.schema([pa.field("label", pa.string())]), flavor="hive") if partitioned else None
     try:
-        dataset = ds.dataset(files, filesystem=fs, format="parquet")
+        dataset = ds.dataset(
+            files, filesystem=fs, format="parquet", partitioning=partitioning, partition_base_dir=root
+        )
     except pa.ArrowInvalid as exc:  # a truncated file from a killed run, or a foreign file
         raise InputError(f"unreadable Parquet in {location}: {exc}") from exc
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.schema.names]
@@ -159,7 +173,7 @@ def _read_success(location: str) -> dict | None:
 def summarise(config: ReportConfig) -> dict:
     """Scan the predictions folder and return the summary (writes nothing)."""
     started = time.perf_counter()
-    dataset = _open_dataset(config.predictions)
+    dataset = open_predictions(config.predictions)
     columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in dataset.schema.names]
     totals = _Accumulator(np.linspace(0.0, 1.0, config.bins + 1), config.threshold)
     for batch in dataset.to_batches(columns=columns, batch_size=config.batch_size):

@@ -173,3 +173,21 @@ def test_million_rows_under_one_gib(tmp_path):
     assert summary["errors_by_kind"] == expected["errors_by_kind"]
     assert summary["low_confidence"] == expected["low_below_0.7"]
     _assert_png(tmp_path / "preds-report" / "confidence.png")
+
+
+def test_label_partitioned_folder(tmp_path):
+    """`jobs.score --partition-by label` layout: label only in folder names, errors in the null folder."""
+    import pyarrow.dataset as ds
+
+    expected = write_predictions(tmp_path / "flat", rows=3000, files=1)
+    table = pq.read_table(tmp_path / "flat")
+    ds.write_dataset(
+        table, tmp_path / "parted", format="parquet",
+        partitioning=ds.partitioning(pa.schema([("label", pa.string())]), flavor="hive"),
+    )
+    assert (tmp_path / "parted" / "label=__HIVE_DEFAULT_PARTITION__").is_dir()
+    assert "label" not in pq.read_schema(next((tmp_path / "parted" / "label=cats").iterdir())).names
+    summary = summarise(ReportConfig(str(tmp_path / "parted")))
+    assert summary["rows"] == 3000
+    assert summary["label_counts"] == expected["label_counts"]
+    assert summary["errors_by_kind"] == expected["errors_by_kind"]
