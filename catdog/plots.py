@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import logging
-import posixpath
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -135,6 +134,11 @@ def _thumbnail(path: str, size: int) -> np.ndarray:
         return np.full((size, size, 3), 128, dtype=np.uint8)
 
 
+def _tail(path: str) -> str:
+    """The class folder and file name: enough to find the file, short enough for a tile."""
+    return "/".join(path.rstrip("/").split("/")[-2:])
+
+
 def _shorten(text: str, limit: int = 28) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
@@ -152,9 +156,9 @@ def plot_mistakes(mistakes: Sequence[Mistake], output: str, thumbnail_size: int 
     for ax, mistake in zip(axes, mistakes):
         ax.imshow(_thumbnail(mistake.path, thumbnail_size))
         ax.set_title(
-            f"{_shorten(posixpath.basename(mistake.path))}\ntrue {mistake.true_label}\n"
+            f"{_shorten(_tail(mistake.path))}\ntrue {mistake.true_label}\n"
             f"pred {mistake.label} ({mistake.confidence:.2f})",
             fontsize=8,
         )
-    fig.suptitle(f"{len(mistakes)} most confidently wrong" if mistakes else "mistakes")
+    fig.suptitle(f"{len(mistakes)} most confidently wrong" if mistakes else "mistakes", y=1.0 + 0.12 / rows)
     _save(fig, output)

@@ -1,0 +1,52 @@
+"""Evaluate a trained model on a labelled folder (one subfolder of images per class).
+
+Scores the folder with the jobs.score pipeline into OUTPUT/predictions (with a true_label column),
+then writes OUTPUT/metrics.json (accuracy, per-class precision/recall/F1, confusion matrix, ROC and
+PR AUC, log loss, ECE) and confusion.png, roc.png, reliability.png, confidence.png, mistakes.png.
+
+    ray job submit --working-dir . -- python -m jobs.evaluate \\
+        --model runs/my-run --data s3://bucket/labelled-holdout --output s3://bucket/eval/my-run
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from catdog.cli import add_common_arguments, configure_logging, run_job
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="training run folder (model.keras + classes.json)")
+    parser.add_argument("--data", required=True, help="labelled folder: <class>/<image> (path or URI)")
+    parser.add_argument("--output", required=True, help="evaluation folder (path or URI)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing evaluation folder")
+    parser.add_argument("--bins", type=int, default=15, help="calibration bins for ECE (default 15)")
+    parser.add_argument("--mistakes", type=int, default=20, help="images on the mistakes contact sheet (default 20)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per predictor call (scoring default)")
+    parser.add_argument("--num-workers", type=int, default=None, help="predictor actors (scoring default)")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--use-gpu", action="store_true", help="score on GPUs")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.verbose)
+
+    def job() -> None:
+        from catdog.evaluation import EvaluateConfig, evaluate
+
+        evaluate(EvaluateConfig(
+            model=args.model, data=args.data, output=args.output, overwrite=args.overwrite, bins=args.bins,
+            mistakes=args.mistakes, batch_size=args.batch_size, num_workers=args.num_workers,
+            precision=args.precision, use_gpu=args.use_gpu, ray_address=args.ray_address,
+        ))
+
+    run_job(job)
+
+
+if __name__ == "__main__":
+    main()

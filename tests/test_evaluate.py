@@ -1,0 +1,141 @@
+"""jobs.evaluate: metrics from predictions, temperature comparison, every plot, user errors, and
+end to end through the real scoring pipeline with hand-set perfect and inverted heads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from catdog import evaluation as E
+from catdog import metrics, plots
+from catdog.errors import CatdogError, InputError, ModelLoadError, OutputExistsError
+from jobs import evaluate as evaluate_job
+
+CLASSES = ["cats", "dogs"]
+
+
+def assert_png(path: Path, min_side: int = 100) -> None:
+    """A real, decodable, non-trivial PNG."""
+    assert path.is_file(), path
+    assert path.stat().st_size > 1000, path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()
+        assert min(image.size) >= min_side, (path, image.size)
+        assert len(set(image.convert("L").getdata())) > 2, f"{path} is blank"
+
+
+def _predictions_table(true_labels, p_dogs, errors=None) -> pa.Table:
+    n = len(true_labels)
+    errors = errors or [None] * n
+    p_dogs = np.asarray(p_dogs, dtype=np.float32)
+    return pa.table({
+        "path": [f"/data/{i}.jpg" for i in range(n)],
+        "label": [None if e else ("dogs" if p >= 0.5 else "cats") for p, e in zip(p_dogs, errors)],
+        "true_label": list(true_labels),
+        "confidence": np.maximum(p_dogs, 1 - p_dogs),
+        "error": errors,
+        "prob_cats": 1 - p_dogs,
+        "prob_dogs": p_dogs,
+    })
+
+
+def test_compute_metrics_skips_unscored_rows():
+    table = _predictions_table(
+        ["cats", "dogs", "dogs", "cats", "dogs"], [0.1, 0.8, 0.3, 0.0, 0.0],
+        errors=[None, None, None, "truncated: cut short", "not_an_image: text"],
+    )
+    result, arrays = E.compute_metrics(table, CLASSES)
+    assert result["rows"] == 3 and result["unscored"] == 2
+    assert result["errors_by_kind"] == {"not_an_image": 1, "truncated": 1}
+    assert result["accuracy"] == pytest.approx(2 / 3)
+    assert result["confusion_matrix"] == [[1, 0], [1, 1]]
+    assert result["roc_auc"] == pytest.approx(1.0)  # both dogs outrank the cat despite one miss
+    assert arrays["paths"].tolist() == ["/data/0.jpg", "/data/1.jpg", "/data/2.jpg"]
+    with pytest.raises(InputError, match="no image"):
+        E.compute_metrics(_predictions_table(["cats"], [0.0], errors=["truncated: x"]), CLASSES)
+
+
+def test_undo_temperature_recovers_untempered_probabilities():
+    logits = np.random.default_rng(0).normal(0, 3, (50, 3))
+    softmax = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(E.undo_temperature(softmax(logits / 2.5), 2.5), softmax(logits), atol=1e-9)
+
+
+def test_calibration_before_and_after_when_training_fitted_a_temperature(tmp_path):
+    y_true = np.array([0, 1, 0, 1])
+    probs = np.array([[0.7, 0.3], [0.4, 0.6], [0.4, 0.6], [0.2, 0.8]])
+    result = {"calibration": metrics.reliability(y_true, probs).to_dict()}
+    E._add_calibration_comparison(result, probs, y_true, str(tmp_path), bins=15)
+    assert result["temperature"] is None and result["ece"] == result["calibration"]["ece"]
+    (tmp_path / "metrics.json").write_text(json.dumps({"temperature": 2.0, "val_ece_before": 0.2}))
+    E._add_calibration_comparison(result, probs, y_true, str(tmp_path), bins=15)
+    assert result["temperature"] == 2.0
+    expected_before = metrics.reliability(y_true, E.undo_temperature(probs, 2.0)).ece
+    assert result["ece_before_temperature"] == pytest.approx(expected_before)
+    assert result["ece_before_temperature"] != pytest.approx(result["ece_after_temperature"])
+
+
+def test_every_plot_is_a_valid_image(tmp_path, sample_images):
+    rng = np.random.default_rng(0)
+    paths = sorted(str(p) for p in sample_images.rglob("*.*"))[:30] + [str(tmp_path / "gone.jpg")]
+    y_true = rng.integers(0, 2, len(paths))
+    p_dogs = np.clip(0.2 * y_true + rng.random(len(paths)) * 0.8, 0, 1)
+    probs = np.stack([1 - p_dogs, p_dogs], axis=1)
+    result = metrics.classification_report(y_true, probs, CLASSES)
+    arrays = {"y_true": y_true, "probs": probs, "paths": np.array(paths)}
+    arrays["y_true"][-1], arrays["probs"][-1] = 0, [0.01, 0.99]  # the missing file is the worst mistake
+    E.write_plots(str(tmp_path / "out"), result, arrays, CLASSES, mistakes=20, bins=15)
+    for name in E.PLOTS:
+        assert_png(tmp_path / "out" / name)
+    mistakes = E._mistakes(arrays, CLASSES, 20)
+    assert len(mistakes) == int((probs.argmax(1) != y_true).sum()) > 5
+    assert mistakes[0].path.endswith("gone.jpg") and mistakes[0].confidence == pytest.approx(0.99)
+    assert [m.confidence for m in mistakes] == sorted((m.confidence for m in mistakes), reverse=True)
+    # No mistakes, and three classes: still valid images.
+    plots.plot_mistakes([], str(tmp_path / "none.png"))
+    assert_png(tmp_path / "none.png")
+    y3 = np.array([0, 1, 2, 2])
+    plots.plot_roc(y3, np.eye(3)[y3], ["a", "b", "c"], str(tmp_path / "roc3.png"))
+    assert_png(tmp_path / "roc3.png")
+
+
+def _run_folder(tmp_path: Path, classes=CLASSES) -> Path:
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    (run / "classes.json").write_text(json.dumps(classes))
+    (run / "model.keras").write_bytes(b"not scored in this test")
+    return run
+
+
+def test_user_mistakes_fail_before_scoring(tmp_path, sample_images):
+    run = _run_folder(tmp_path)
+    with pytest.raises(ModelLoadError, match="classes.json"):
+        E.evaluate(E.EvaluateConfig(str(tmp_path / "nowhere"), str(sample_images), str(tmp_path / "a")))
+    with pytest.raises(InputError, match="not found"):
+        E.evaluate(E.EvaluateConfig(str(run), str(tmp_path / "no-data"), str(tmp_path / "b")))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "metrics.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        E.evaluate(E.EvaluateConfig(str(run), str(sample_images), str(tmp_path / "c")))
+    other = _run_folder(tmp_path / "other", classes=["cats", "birds"])
+    with pytest.raises(InputError, match="dogs"):
+        E.evaluate(E.EvaluateConfig(str(other), str(sample_images), str(tmp_path / "d")))
+    with pytest.raises(CatdogError, match="--bins"):
+        E.EvaluateConfig(str(run), str(sample_images), str(tmp_path / "e"), bins=0)
+
+
+def test_job_help_and_exit_code_two(tmp_path, capsys, sample_images):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_job.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--model" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_job.main(["--model", str(tmp_path / "x"), "--data", str(sample_images), "--output", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "classes.json" in capsys.readouterr().err
