@@ -1,0 +1,179 @@
+"""Batch scoring with Ray Data: listed files -> decode (CPU tasks) -> predict (actor pool) -> Parquet.
+
+    paths --from_arrow--> decode: read_and_decode, one row per file, errors kept as rows
+          --map_batches(Predictor, ActorPoolStrategy)--> prediction rows (predictions schema)
+          --write_parquet(our file names)--> account: rows == files, no duplicates --> _SUCCESS.json
+
+Decoding runs in tasks with fractional CPUs while the predictor actors run the model, so the two
+overlap; Ray Data's streaming executor bounds what is in flight. Per-row Python happens only in
+decoding (Pillow) -- never in the model call.
+
+Memory, per process: a decode task holds one batch of decoded pixels (batch x size^2 x 3 bytes)
+plus one full-size image while decoding it (bounded by --max-image-pixels: 100 MP x 3 B = 0.3 GB at
+the default; JPEGs decode at reduced scale). A predictor actor holds TensorFlow, the model and one
+batch of activations (ResNet50, 180 px, batch 32: ~1.5 GB on CPU in all). When the object store
+fills, Ray Data backpressures the decode stage and Ray spills objects to disk rather than failing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import catdog
+from catdog import imaging, inputs, output, storage
+from catdog.predictor import ModelInfo
+from catdog.runtime import init_ray, worker_runtime_env
+from catdog.schema import predictions_schema
+from catdog.score_config import ScoreConfig
+
+logger = logging.getLogger(__name__)
+
+# Ray resources: on 2 CPUs one predictor (1 CPU; TensorFlow uses every core anyway) leaves room for
+# two decode tasks and a writer. Whole CPUs for all three stages deadlock a small machine.
+PREDICTOR_CPUS = 1.0
+DECODE_CPUS = 0.5
+WRITE_CPUS = 0.25
+# Paths per input block: the unit of decode parallelism and of retry. Small inputs get one
+# predictor batch per block (fast start); large ones up to this many paths per block.
+MAX_PATHS_PER_BLOCK = 1024
+TARGET_BLOCKS = 200
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int) -> pa.Table:
+    """Read and decode a batch of paths; every path gives one row (pixels, or an error).
+
+    Returns an Arrow table with explicit types, so an all-null `error` column stays a string column.
+    """
+    from ray.data.extensions import ArrowTensorArray
+
+    decoded = imaging.read_and_decode(list(batch["path"]), image_size, max_pixels)
+    columns = {
+        "path": pa.array(batch["path"], pa.string()),
+        "image": ArrowTensorArray.from_numpy(decoded["image"]),
+        "width": pa.array(decoded["width"], pa.int32()),
+        "height": pa.array(decoded["height"], pa.int32()),
+        "error": pa.array(list(decoded["error"]), pa.string()),
+    }
+    if inputs.TRUE_LABEL_COLUMN in batch:
+        columns[inputs.TRUE_LABEL_COLUMN] = pa.array(batch[inputs.TRUE_LABEL_COLUMN], pa.string())
+    return pa.table(columns)
+
+
+def _actor_pool(config: ScoreConfig):
+    import ray
+
+    if config.num_workers is not None:
+        return ray.data.ActorPoolStrategy(size=config.num_workers)
+    if config.min_workers is not None:
+        return ray.data.ActorPoolStrategy(min_size=config.min_workers, max_size=config.max_workers)
+    if config.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        return ray.data.ActorPoolStrategy(size=max(1, int(gpus // config.gpus_per_worker)))
+    return ray.data.ActorPoolStrategy(size=1)
+
+
+def _blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
+    rows = max(batch_size, min(MAX_PATHS_PER_BLOCK, math.ceil(table.num_rows / TARGET_BLOCKS)))
+    rows = math.ceil(rows / batch_size) * batch_size
+    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
+
+
+def run_pipeline(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: str) -> None:
+    """Score the `todo` paths into new part files of `config.output`."""
+    import ray
+
+    from catdog.predictor import Predictor
+
+    batch_size = config.effective_batch_size
+    with_true_label = inputs.TRUE_LABEL_COLUMN in todo.column_names
+    schema = predictions_schema(info.class_names, with_true_label=with_true_label)
+    predictor_resources = {"num_cpus": PREDICTOR_CPUS}
+    if config.use_gpu:
+        predictor_resources["num_gpus"] = config.gpus_per_worker
+    ds = ray.data.from_arrow(_blocks(todo, batch_size))
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"image_size": info.image_size, "max_pixels": config.max_image_pixels},
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=DECODE_CPUS,
+    )
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"info": info, "precision": config.precision, "use_gpu": config.use_gpu,
+                               "with_true_label": with_true_label},
+        compute=_actor_pool(config),
+        batch_size=batch_size,
+        batch_format="numpy",
+        **predictor_resources,
+    )
+    fs, root = storage.resolve(config.output)
+    ds.write_parquet(
+        root,
+        filesystem=fs,
+        filename_provider=output.PartFilenameProvider(run_id),
+        partition_cols=[config.partition_by] if config.partition_by else None,
+        min_rows_per_file=config.rows_per_file,
+        ray_remote_args={"num_cpus": WRITE_CPUS},
+        schema=schema,
+    )
+
+
+def score(config: ScoreConfig) -> dict:
+    """Score every image of `config.input` into `config.output`; return the _SUCCESS.json summary.
+
+    Raises:
+        InputError: missing or empty input (nothing is written).
+        ModelLoadError: missing, unsafe or inconsistent model (nothing is written).
+        OutputExistsError: output not empty and neither overwrite nor resume asked.
+        output.AccountingError: the written rows do not match the listed files (exit 1).
+    """
+    from catdog.predictor import describe_model
+
+    started, started_at = time.monotonic(), output.now_iso()
+    run_id = output.new_run_id()
+    listing = inputs.list_inputs(config.input, follow_symlinks=config.follow_symlinks)
+    info = describe_model(config.model)
+    schema = predictions_schema(info.class_names, with_true_label=listing.has_true_label)
+    run_info = {
+        "run_id": run_id, "started_at": started_at, "model": config.model, "model_id": info.model_id,
+        "class_names": list(info.class_names), "partition_by": config.partition_by,
+        "with_true_label": listing.has_true_label, "input": config.input, "catdog_version": catdog.__version__,
+    }
+    state = output.prepare_output(config.output, overwrite=config.overwrite, resume=config.resume,
+                                  run_info=run_info, schema=schema)
+    todo = listing.table
+    if len(state.done_paths):
+        todo = todo.filter(pc.invert(pc.is_in(todo["path"], value_set=state.done_paths)))
+    logger.info("Run %s: scoring %d of %d files from %s into %s (%s, batch %d)", run_id, todo.num_rows,
+                listing.num_files, config.input, config.output, config.precision, config.effective_batch_size)
+    if todo.num_rows:
+        init_ray(config.ray_address)
+        run_pipeline(todo, config, info, run_id)
+    counts = output.account(config.output, listing.table["path"].combine_chunks())
+    wall = time.monotonic() - started
+    summary = {
+        **run_info,
+        "output": config.output,
+        "precision": config.precision,
+        "files_listed": listing.num_files,
+        "skipped_while_listing": listing.skipped,
+        **counts,
+        "rows_scored_this_run": todo.num_rows,
+        "rows_from_earlier_runs": listing.num_files - todo.num_rows,
+        "quarantined_files": state.quarantined,
+        "finished_at": output.now_iso(),
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(todo.num_rows / wall, 3) if wall > 0 else None,
+        "schema": {f.name: str(f.type) for f in schema},
+    }
+    output.write_success(config.output, summary)
+    logger.info("Run %s done: %d rows (%d errors %s) in %.1f s, %.1f images/s", run_id, summary["rows_written"],
+                summary["errors"], summary["errors_by_kind"], wall, summary["images_per_s"] or 0.0)
+    return summary
