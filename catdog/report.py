@@ -31,7 +31,7 @@ PARTITION_PREFIX = "label="  # jobs.score --partition-by label writes hive folde
 OPTIONAL_COLUMNS = ("model_id", "scored_at", "true_label")
 # Keys a scoring run may use for its throughput in _SUCCESS.json, most specific first.
 THROUGHPUT_KEYS = ("images_per_second", "images_per_s", "throughput_images_per_s", "rows_per_second", "throughput")
-ELAPSED_KEYS = ("elapsed_s", "wall_s", "duration_s", "seconds", "elapsed_seconds")
+ELAPSED_KEYS = ("wall_time_s", "elapsed_s", "wall_s", "duration_s", "seconds", "elapsed_seconds")
 
 
 @dataclass(frozen=True)

@@ -191,3 +191,28 @@ def test_label_partitioned_folder(tmp_path):
     assert summary["rows"] == 3000
     assert summary["label_counts"] == expected["label_counts"]
     assert summary["errors_by_kind"] == expected["errors_by_kind"]
+
+
+def _readme_snippets() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Analysing results", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_readme_analysing_snippets_run(tmp_path, monkeypatch, capsys):
+    """Every Python snippet of the README section runs against folders with the documented schema."""
+    expected = write_predictions(tmp_path / "predictions", rows=4000, files=2)
+    (tmp_path / "predictions" / "_SUCCESS.json").write_text("{}")
+    (tmp_path / "predictions" / "_quarantine").mkdir()
+    (tmp_path / "predictions" / "_quarantine" / "cut.parquet").write_bytes(b"PAR1 cut short")
+    write_predictions(tmp_path / "evaluation" / "predictions", rows=300, files=1, with_true_label=True)
+    monkeypatch.chdir(tmp_path)
+    snippets = _readme_snippets()
+    assert len(snippets) == 4
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "4000" in out  # pyarrow count_rows
+    for label, count in expected["label_counts"].items():
+        assert str(count) in out, label
+    assert (tmp_path / "to_review.csv").is_file()
