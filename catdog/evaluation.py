@@ -20,13 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catdog import metrics, plots, storage
-from catdog.errors import CatdogError, InputError, ModelLoadError, OutputExistsError
+from catdog.errors import CatdogError, InputError, OutputExistsError
 from catdog.report import open_predictions
+from catdog.predictor import classes_file, load_class_names
 from catdog.schema import error_kinds, prob_column
 
 logger = logging.getLogger(__name__)
 
-CLASSES_FILE = "classes.json"
 RUN_METRICS_FILE = "metrics.json"  # written by training; may hold the fitted temperature
 MANIFEST_FILE = "manifest.parquet"
 PREDICTIONS_DIR = "predictions"
@@ -59,18 +59,8 @@ class EvaluateConfig:
 
 
 def _run_folder(model: str) -> str:
-    return posixpath.dirname(model.rstrip("/")) if model.endswith(".keras") else model
-
-
-def load_class_names(model: str) -> list[str]:
-    """The model's class names, in output order, from the run folder's classes.json."""
-    location = storage.join(_run_folder(model), CLASSES_FILE)
-    if not storage.exists(location):
-        raise ModelLoadError(f"no {CLASSES_FILE} at {location}: is {model} a training run folder?")
-    names = storage.read_json(location)
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ModelLoadError(f"{location} must hold a JSON list of class names")
-    return names
+    """The training run folder: `model` itself, or the folder holding a .keras file."""
+    return posixpath.dirname(classes_file(model))
 
 
 def _temperature_info(model: str) -> dict | None:
@@ -211,7 +201,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         CatdogError: missing/empty data, classes the model lacks, output already there, bad model.
     """
     started = time.perf_counter()
-    class_names = load_class_names(config.model)
+    class_names = list(load_class_names(config.model))
     _prepare_output(config)
     manifest, listed = write_manifest(config, class_names)
     scoring = score_manifest(config, manifest)

@@ -139,3 +139,105 @@ def test_job_help_and_exit_code_two(tmp_path, capsys, sample_images):
         evaluate_job.main(["--model", str(tmp_path / "x"), "--data", str(sample_images), "--output", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert "classes.json" in capsys.readouterr().err
+
+
+# --- end to end: the real scoring pipeline on a local Ray cluster ---------------------------------
+
+HEAD_SCALE = 5.0  # logit gap for a margin-1 score: softmax gives 0.993 to the chosen class
+
+
+def _hand_set_heads(sample_images: Path, spec, extractor):
+    """Head weights (perfect, inverted) that separate this folder's features exactly.
+
+    The backbone is random (no ImageNet offline), so the separating direction is solved for: with
+    80 images and 2,048 features, a ridge fit interpolates, giving scores of about -1 (cats) and +1
+    (dogs). Hidden unit 0 is relu(score), unit 1 relu(-score); the logits layer routes them to the
+    right (perfect) or wrong (inverted) class.
+    """
+    from catdog.dataset import list_labelled_images
+    from catdog.imaging import read_and_decode
+
+    images = list_labelled_images(str(sample_images), class_names=CLASSES)
+    decoded = read_and_decode(images.paths, spec.image_size)
+    assert all(e is None for e in decoded["error"])
+    features = np.asarray(extractor.predict(decoded["image"].astype("float32"), verbose=0), dtype=np.float64)
+    target = np.where(np.array(images.labels) == 1, 1.0, -1.0)
+    mean = features.mean(axis=0)
+    centred = features - mean
+    gram = centred @ centred.T
+    direction = centred.T @ np.linalg.solve(gram + 1e-6 * np.trace(gram) / len(gram) * np.eye(len(gram)), target)
+    scores = centred @ direction
+    assert np.all(np.sign(scores) == target) and np.abs(scores).min() > 0.5, "features not separable"
+    hidden_kernel = np.zeros((features.shape[1], spec.hidden_units), np.float32)
+    hidden_bias = np.zeros(spec.hidden_units, np.float32)
+    hidden_kernel[:, 0], hidden_bias[0] = direction, -mean @ direction
+    hidden_kernel[:, 1], hidden_bias[1] = -direction, mean @ direction
+    routes = {}
+    for name, (unit_for_dogs, unit_for_cats) in {"perfect": (0, 1), "inverted": (1, 0)}.items():
+        logits_kernel = np.zeros((spec.hidden_units, 2), np.float32)
+        logits_kernel[unit_for_dogs, 1] = logits_kernel[unit_for_cats, 0] = HEAD_SCALE
+        routes[name] = [hidden_kernel, hidden_bias, logits_kernel, np.zeros(2, np.float32)]
+    return routes
+
+
+@pytest.fixture(scope="module")
+def hand_set_runs(tmp_path_factory, sample_images):
+    """Run folders (model.keras + classes.json) of a perfect and an inverted model at 32 px."""
+    from catdog import model as M
+
+    spec = M.ModelSpec(num_classes=2, image_size=32, hidden_units=8)
+    extractor = M.build_feature_extractor(spec, weights=None, seed=0)
+    runs = {}
+    for name, weights in _hand_set_heads(sample_images, spec, extractor).items():
+        head = M.build_head(spec)
+        head.get_layer("hidden").set_weights(weights[:2])
+        head.get_layer("logits").set_weights(weights[2:])
+        run = tmp_path_factory.mktemp(f"run-{name}")
+        M.save_model(M.build_model(extractor, head), str(run / M.MODEL_FILENAME))
+        (run / "classes.json").write_text(json.dumps(CLASSES))
+        runs[name] = run
+    return runs
+
+
+@pytest.mark.slow
+def test_evaluate_perfect_model_end_to_end(ray_cluster, hand_set_runs, sample_images, tmp_path):
+    import pyarrow.parquet as pq
+
+    from catdog.report import ReportConfig, summarise
+
+    out = tmp_path / "eval"
+    result = E.evaluate(E.EvaluateConfig(str(hand_set_runs["perfect"]), str(sample_images), str(out)))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["rows"] == saved["images"] == 80 and saved["unscored"] == 0
+    assert saved["accuracy"] == 1.0
+    assert saved["roc_auc"] == 1.0 and saved["pr_auc"] == 1.0
+    assert saved["confusion_matrix"] == [[40, 0], [0, 40]]
+    assert saved["per_class"]["dogs"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 40}
+    assert saved["log_loss"] < 0.05
+    assert saved["temperature"] is None and saved["ece"] == saved["calibration"]["ece"]
+    assert result["accuracy"] == saved["accuracy"]
+    for name in E.PLOTS:
+        assert_png(out / name)
+    predictions = pq.read_table(out / "predictions")
+    assert predictions.num_rows == 80
+    assert predictions.column("label").to_pylist() == predictions.column("true_label").to_pylist()
+    # The evaluation's predictions are a normal predictions folder for jobs.report.
+    summary = summarise(ReportConfig(str(out / "predictions")))
+    assert summary["rows"] == 80 and summary["accuracy_where_labelled"] == 1.0
+    assert summary["throughput_images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_evaluate_inverted_model_end_to_end(ray_cluster, hand_set_runs, sample_images, tmp_path):
+    out = tmp_path / "eval"
+    config = E.EvaluateConfig(str(hand_set_runs["inverted"]), str(sample_images), str(out), mistakes=20)
+    result = E.evaluate(config)
+    assert result["accuracy"] == 0.0
+    assert result["roc_auc"] == 0.0
+    assert result["confusion_matrix"] == [[0, 40], [40, 0]]
+    assert result["calibration"]["ece"] > 0.9  # sure of every wrong answer
+    assert_png(out / "mistakes.png", min_side=400)  # 20 tiles: 4 rows of 5
+    with pytest.raises(OutputExistsError):
+        E.evaluate(config)
+    rerun = E.evaluate(E.EvaluateConfig(str(hand_set_runs["perfect"]), str(sample_images), str(out), overwrite=True))
+    assert rerun["accuracy"] == 1.0 and rerun["rows"] == 80
