@@ -93,6 +93,26 @@ def list_part_files(output: str) -> list[str]:
     )
 
 
+def refuse_existing(output: str, *, overwrite: bool, resume: bool) -> None:
+    """Fail fast, before any work, when `output` holds files and neither flag was given.
+
+    Raises:
+        OutputExistsError: as above, or `output` is a file.
+    """
+    fs, root = storage.resolve(output)
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        raise OutputExistsError(f"output {output} is a file; give a folder")
+    existing = _entries(output, recursive=False)
+    if existing and not (overwrite or resume):
+        parts = len(list_part_files(output))
+        complete = storage.exists(storage.join(output, SUCCESS_FILE))
+        raise OutputExistsError(
+            f"output {output} already exists and is not empty ({len(existing)} entries, {parts} catdog part files, "
+            f"{'complete: _SUCCESS.json present' if complete else 'partial: no _SUCCESS.json'}); pass --resume to "
+            "finish it, --overwrite to replace catdog's files in it, or choose a new folder"
+        )
+
+
 def prepare_output(output: str, *, overwrite: bool, resume: bool, run_info: dict, schema: pa.Schema) -> OutputState:
     """Make `output` ready for a run and return what it already holds.
 
@@ -104,26 +124,16 @@ def prepare_output(output: str, *, overwrite: bool, resume: bool, run_info: dict
             it is a file.
         CatdogError: a resume with another model, classes or layout than the existing output.
     """
-    fs, root = storage.resolve(output)
-    kind = fs.get_file_info(root).type
-    if kind == pafs.FileType.File:
-        raise OutputExistsError(f"output {output} is a file; give a folder")
-    existing = _entries(output, recursive=False)
+    refuse_existing(output, overwrite=overwrite, resume=resume)
     state = OutputState()
-    if existing and not (overwrite or resume):
-        parts = len(list_part_files(output))
-        raise OutputExistsError(
-            f"output {output} already exists and is not empty ({len(existing)} entries, {parts} catdog part files, "
-            f"{'complete' if storage.exists(storage.join(output, SUCCESS_FILE)) else 'no _SUCCESS.json'}); "
-            "pass --resume to finish it, --overwrite to replace catdog's files in it, or choose a new folder"
-        )
-    if existing and overwrite:
-        state.deleted = _delete_own_files(output)
-    elif existing and resume:
-        _check_resumable(output, run_info)
-        if storage.exists(storage.join(output, SUCCESS_FILE)):
-            storage.delete_file(storage.join(output, SUCCESS_FILE))  # partial again until this run ends
-        state = _scan_for_resume(output, schema)
+    if _entries(output, recursive=False):
+        if overwrite:
+            state.deleted = _delete_own_files(output)
+        else:
+            _check_resumable(output, run_info)
+            if storage.exists(storage.join(output, SUCCESS_FILE)):
+                storage.delete_file(storage.join(output, SUCCESS_FILE))  # partial again until this run ends
+            state = _scan_for_resume(output, schema)
     storage.make_dirs(output)
     storage.write_json(storage.join(output, RUN_MARKER), run_info)
     return state

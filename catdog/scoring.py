@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import catdog
 from catdog import imaging, inputs, output, storage
 from catdog.predictor import ModelInfo
-from catdog.runtime import init_ray, worker_runtime_env
+from catdog.runtime import init_ray
 from catdog.schema import predictions_schema
 from catdog.score_config import ScoreConfig
 
@@ -134,15 +134,22 @@ def score(config: ScoreConfig) -> dict:
         OutputExistsError: output not empty and neither overwrite nor resume asked.
         output.AccountingError: the written rows do not match the listed files (exit 1).
     """
+    started = time.monotonic()
+    output.refuse_existing(config.output, overwrite=config.overwrite, resume=config.resume)
+    listing = inputs.list_inputs(config.input, follow_symlinks=config.follow_symlinks)
+    return score_listing(config, listing, started)
+
+
+def score_listing(config: ScoreConfig, listing: inputs.InputListing, started: float | None = None) -> dict:
+    """Score an already listed input (see `score`); files may change between listing and reading."""
     from catdog.predictor import describe_model
 
-    started, started_at = time.monotonic(), output.now_iso()
+    started = time.monotonic() if started is None else started
     run_id = output.new_run_id()
-    listing = inputs.list_inputs(config.input, follow_symlinks=config.follow_symlinks)
     info = describe_model(config.model)
     schema = predictions_schema(info.class_names, with_true_label=listing.has_true_label)
     run_info = {
-        "run_id": run_id, "started_at": started_at, "model": config.model, "model_id": info.model_id,
+        "run_id": run_id, "started_at": output.now_iso(), "model": config.model, "model_id": info.model_id,
         "class_names": list(info.class_names), "partition_by": config.partition_by,
         "with_true_label": listing.has_true_label, "input": config.input, "catdog_version": catdog.__version__,
     }

@@ -1,0 +1,46 @@
+"""Classify one image in this process (no Ray), like the tutorial's last step.
+
+    python -m jobs.predict photo.jpg --model /runs/r1
+
+On a cluster: ray job submit --working-dir . -- python -m jobs.predict s3://bucket/photo.jpg --model s3://bucket/runs/r1
+Prints the most likely class with its probability, then every class probability.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from catdog.cli import add_common_arguments, configure_logging, run_job
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("image", help="image file (path or URI)")
+    parser.add_argument("--model", required=True, help="training run folder (model.keras + classes.json) or a .keras file")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 100,000,000)")
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def format_prediction(result: dict) -> str:
+    """The tutorial's sentence, then one line per class."""
+    lines = [f"This image is {result['confidence']:.2%} {result['label']}."]
+    lines += [f"  {name}: {p:.4f}" for name, p in result["probabilities"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.verbose)
+
+    def job() -> None:
+        from catdog.predictor import predict_image
+
+        print(format_prediction(predict_image(args.model, args.image, args.precision, args.max_image_pixels)))
+
+    run_job(job)
+
+
+if __name__ == "__main__":
+    main()

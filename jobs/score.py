@@ -1,0 +1,73 @@
+"""Score every image of a folder, URI prefix or manifest into Parquet: one row per file, resumable.
+
+    ray job submit --working-dir . -- python -m jobs.score \\
+        --model /runs/r1 --input s3://bucket/images/ --output s3://bucket/preds/2026-11-28/ \\
+        --use-gpu --num-workers 8
+
+Locally (starts a local Ray): python -m jobs.score --model runs/r1 --input photos/ --output preds/
+Re-running into an existing output needs --resume (skip the files already scored) or --overwrite
+(delete catdog's own files there first). The summary in OUTPUT/_SUCCESS.json is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from catdog.cli import add_common_arguments, configure_logging, run_job
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="training run folder (model.keras + classes.json) or a .keras file")
+    parser.add_argument("--input", required=True,
+                        help="folder or URI searched recursively for images, or a .parquet/.csv manifest with a 'path' column")
+    parser.add_argument("--output", required=True, help="predictions folder (path or URI)")
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="bfloat16 doubles CPU speed on AMX/AVX512-BF16 CPUs; float16 for GPUs")
+    parser.add_argument("--use-gpu", action="store_true", help="run predictors on GPUs")
+    parser.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per predictor (fractions share a GPU)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="predictor actors (default: 1 on CPU, every GPU with --use-gpu)")
+    parser.add_argument("--min-workers", type=int, default=None, help="autoscaling pool: fewest predictor actors")
+    parser.add_argument("--max-workers", type=int, default=None, help="autoscaling pool: most predictor actors")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per predictor call (default 32 CPU, 128 GPU)")
+    parser.add_argument("--rows-per-file", type=int, default=None, help="rows per output file, at least (default 20000)")
+    parser.add_argument("--partition-by", choices=("label",), default=None, help="write hive folders label=<class>/")
+    parser.add_argument("--max-image-pixels", type=int, default=None,
+                        help="refuse images with more pixels than this (decompression bombs; default 100,000,000)")
+    parser.add_argument("--follow-symlinks", action="store_true", help="follow symlinks that lead outside --input")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="delete catdog's files in --output first (others are kept)")
+    group.add_argument("--resume", action="store_true", help="score only the files --output does not hold yet")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging(args.verbose)
+
+    def job() -> None:
+        from catdog.score_config import ScoreConfig
+        from catdog.scoring import score
+
+        optional = {name: getattr(args, name) for name in ("max_image_pixels", "rows_per_file")
+                    if getattr(args, name) is not None}
+        summary = score(ScoreConfig(
+            model=args.model, input=args.input, output=args.output, precision=args.precision,
+            use_gpu=args.use_gpu, gpus_per_worker=args.gpus_per_worker, num_workers=args.num_workers,
+            min_workers=args.min_workers, max_workers=args.max_workers, batch_size=args.batch_size,
+            overwrite=args.overwrite, resume=args.resume, partition_by=args.partition_by,
+            follow_symlinks=args.follow_symlinks, ray_address=args.ray_address, **optional,
+        ))
+        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+
+    run_job(job)
+
+
+if __name__ == "__main__":
+    main()
