@@ -40,3 +40,27 @@ def real_photos() -> Path:
     if not (REAL_PHOTOS / "cats").is_dir():
         pytest.skip(f"real photos not found at {REAL_PHOTOS}")
     return REAL_PHOTOS
+
+
+def write_model_run(run: Path, image_size: int = 32, classes: tuple[str, ...] = ("cats", "dogs"), seed: int = 0) -> Path:
+    """A run folder as training writes it (model.keras, classes.json, config.json), with a randomly
+    initialised (seeded) backbone and head: no download, a few seconds to build."""
+    import json
+
+    import keras
+
+    from catdog.model import ModelSpec, build_feature_extractor, build_head, build_model, save_model
+
+    spec = ModelSpec(num_classes=len(classes), image_size=image_size)
+    extractor = build_feature_extractor(spec, None, seed=seed)
+    keras.utils.set_random_seed(seed)
+    save_model(build_model(extractor, build_head(spec)), str(run / "model.keras"))
+    (run / "classes.json").write_text(json.dumps(list(classes)))
+    (run / "config.json").write_text(json.dumps({"model_spec": spec.to_dict()}))
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_model_run(tmp_path_factory) -> Path:
+    """A 32-pixel two-class (cats, dogs) run folder for scoring tests."""
+    return write_model_run(tmp_path_factory.mktemp("tiny-run"))
