@@ -1,4 +1,11 @@
-"""Local paths and object-store URIs (s3://, gs://, file://) through pyarrow filesystems."""
+"""Local paths and object-store URIs (s3://, gs://, file://) through pyarrow filesystems.
+
+S3-compatible servers (MinIO, moto, ...) are reached through the standard AWS variables, which
+pyarrow reads itself: AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3), AWS_REGION/AWS_DEFAULT_REGION,
+AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY. Ray workers need the same variables: a local Ray inherits
+the driver's environment; on a cluster pass them in the job's `--runtime-env-json` env_vars (or
+use instance profiles for credentials).
+"""
 
 from __future__ import annotations
 
@@ -87,9 +94,13 @@ def read_bytes(location: str) -> bytes:
 
 
 def write_bytes(location: str, data: bytes) -> None:
-    """Write a whole file; parents are created on local filesystems."""
+    """Write a whole file; parents are created on local filesystems.
+
+    Object stores have no folders: creating one there would only add empty marker objects.
+    """
     fs, path = resolve(location)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as stream:
         stream.write(data)
 
