@@ -94,7 +94,6 @@ def _prepare_output(config: EvaluateConfig) -> None:
         raise OutputExistsError(f"{config.output} already holds results; pass --overwrite to replace them")
     if storage.exists(config.output) and not storage.is_dir(config.output):
         raise OutputExistsError(f"{config.output} exists and is a file")
-    storage.make_dirs(config.output)
 
 
 def write_manifest(config: EvaluateConfig, class_names: list[str]) -> tuple[str, int]:

@@ -222,7 +222,6 @@ def report(config: ReportConfig) -> dict:
     summary = summarise(config)
     output = config.output_location
     summary["output"] = output
-    storage.make_dirs(output)
     storage.write_json(storage.join(output, REPORT_FILE), summary)
     histogram = summary["confidence_histogram"]
     plot_confidence(

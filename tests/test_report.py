@@ -216,3 +216,42 @@ def test_readme_analysing_snippets_run(tmp_path, monkeypatch, capsys):
     for label, count in expected["label_counts"].items():
         assert str(count) in out, label
     assert (tmp_path / "to_review.csv").is_file()
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A moto S3 server on localhost, reached through the standard AWS variables (as users would
+    reach MinIO); yields a fresh bucket name."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3").create_bucket(Bucket="preds")
+    yield "preds"
+    server.stop()
+
+
+def test_report_on_s3(tmp_path, s3_bucket):
+    import boto3
+    import pyarrow.fs as pafs
+
+    expected = write_predictions(tmp_path / "p", rows=3000, files=2)
+    (tmp_path / "p" / "_SUCCESS.json").write_text(json.dumps({"images_per_s": 42.5}))
+    s3, _ = pafs.FileSystem.from_uri(f"s3://{s3_bucket}/run")
+    pafs.copy_files(str(tmp_path / "p"), f"{s3_bucket}/run", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3)
+
+    summary = report(ReportConfig(f"s3://{s3_bucket}/run", threshold=0.7))
+
+    assert summary["rows"] == 3000 and summary["label_counts"] == expected["label_counts"]
+    assert summary["throughput_images_per_s"] == 42.5
+    keys = sorted(o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"])
+    assert [k for k in keys if k.startswith("run-report")] == ["run-report/confidence.png", "run-report/report.json"]
+    saved = json.loads(boto3.client("s3").get_object(Bucket=s3_bucket, Key="run-report/report.json")["Body"].read())
+    assert saved["rows"] == 3000
