@@ -73,9 +73,12 @@ def test_calibration_before_and_after_when_training_fitted_a_temperature(tmp_pat
     result = {"calibration": metrics.reliability(y_true, probs).to_dict()}
     E._add_calibration_comparison(result, probs, y_true, str(tmp_path), bins=15)
     assert result["temperature"] is None and result["ece"] == result["calibration"]["ece"]
-    (tmp_path / "metrics.json").write_text(json.dumps({"temperature": 2.0, "val_ece_before": 0.2}))
+    # The shape training writes: calibration.temperature with validation ECE before and after.
+    training = {"temperature": 2.0, "bins": 15, "before": {"ece": 0.2}, "after": {"ece": 0.05}}
+    (tmp_path / "metrics.json").write_text(json.dumps({"calibration": training}))
     E._add_calibration_comparison(result, probs, y_true, str(tmp_path), bins=15)
     assert result["temperature"] == 2.0
+    assert result["training_calibration"] == training
     expected_before = metrics.reliability(y_true, E.undo_temperature(probs, 2.0)).ece
     assert result["ece_before_temperature"] == pytest.approx(expected_before)
     assert result["ece_before_temperature"] != pytest.approx(result["ece_after_temperature"])
