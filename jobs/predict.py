@@ -14,7 +14,8 @@ from catdog.cli import add_common_arguments, configure_logging, run_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image", help="image file (path or URI)")
     parser.add_argument("--model", required=True, help="training run folder (model.keras + classes.json) or a .keras file")
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "float16"))

@@ -20,7 +20,8 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="training run folder (model.keras + classes.json) or a .keras file")
     parser.add_argument("--input", required=True,
                         help="folder or URI searched recursively for images, or a .parquet/.csv manifest with a 'path' column")

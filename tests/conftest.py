@@ -47,9 +47,9 @@ def write_model_run(run: Path, image_size: int = 32, classes: tuple[str, ...] = 
     initialised (seeded) backbone and head: no download, a few seconds to build."""
     import json
 
-    import keras
-
     from catdog.model import ModelSpec, build_feature_extractor, build_head, build_model, save_model
+
+    import keras  # after catdog.model, which imports TensorFlow quietly
 
     spec = ModelSpec(num_classes=len(classes), image_size=image_size)
     extractor = build_feature_extractor(spec, None, seed=seed)

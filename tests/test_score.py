@@ -1,0 +1,329 @@
+"""Scoring (catdog.scoring, catdog.output, jobs.score, jobs.predict): exact accounting on a hostile
+corpus, predictions equal to the in-process model, re-runs (refuse, resume, overwrite), schema,
+precision. Real local Ray (the session cluster), real TensorFlow, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset  # noqa: F401 - pa.dataset
+import pyarrow.parquet as pq
+import pytest
+
+from catdog import output
+from catdog.errors import CatdogError, OutputExistsError
+from catdog.imaging import decode_image
+from catdog.schema import predictions_schema
+from catdog.score_config import ScoreConfig
+from hostile_corpus import MAX_PIXELS, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["cats", "dogs"]
+PROBS = ["prob_cats", "prob_dogs"]
+# bf16 keeps 8 bits of mantissa; through ResNet50 the probabilities of the 32-px test model moved
+# by at most ~0.02 (measured), so 0.05 is the stated tolerance against float32.
+BF16_TOLERANCE = 0.05
+
+
+def _config(run: Path, input_: Path | str, out: Path, **kw) -> ScoreConfig:
+    kw.setdefault("rows_per_file", 8)
+    kw.setdefault("batch_size", 8)
+    return ScoreConfig(model=str(run), input=str(input_), output=str(out), **kw)
+
+
+def _read(out: Path) -> pa.Table:
+    return output.read_predictions(str(out))
+
+
+def _in_process_probs(run: Path, paths: list[str], precision: str = "float32") -> np.ndarray:
+    from catdog.model import load_model
+
+    model = load_model(str(run), precision)
+    pixels = np.stack([decode_image(Path(p).read_bytes(), 32)[0] for p in paths])
+    return np.asarray(model(pixels.astype(np.float32), training=False), dtype=np.float32)
+
+
+# ---- fast: configuration, arguments, output folder management (no Ray) ----
+
+@pytest.mark.parametrize("kw", [
+    {"precision": "int8"}, {"overwrite": True, "resume": True}, {"partition_by": "path"},
+    {"num_workers": 2, "min_workers": 1, "max_workers": 2}, {"min_workers": 2}, {"min_workers": 3, "max_workers": 2},
+    {"batch_size": 0}, {"gpus_per_worker": 0}, {"max_image_pixels": 0}, {"rows_per_file": 0},
+])
+def test_score_config_refuses_inconsistent_settings(kw):
+    with pytest.raises(CatdogError):
+        ScoreConfig(model="m", input="i", output="o", **kw)
+
+
+def test_score_config_defaults():
+    cpu, gpu = ScoreConfig("m", "i", "o"), ScoreConfig("m", "i", "o", use_gpu=True)
+    assert (cpu.effective_batch_size, gpu.effective_batch_size) == (32, 128)
+    assert cpu.to_dict()["precision"] == "float32"
+
+
+def test_jobs_parse_their_arguments(capsys):
+    from jobs import predict, score
+
+    args = score.parse_args(["--model", "r", "--input", "i", "--output", "o", "--precision", "bfloat16", "--resume",
+                             "--partition-by", "label", "--min-workers", "1", "--max-workers", "3"])
+    assert (args.precision, args.resume, args.partition_by, args.max_workers) == ("bfloat16", True, "label", 3)
+    for bad in (["--overwrite", "--resume"], ["--precision", "fp8"], ["--partition-by", "error"]):
+        with pytest.raises(SystemExit) as info:
+            score.parse_args(["--model", "r", "--input", "i", "--output", "o", *bad])
+        assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        score.parse_args(["--help"])
+    assert info.value.code == 0 and "ray job submit" in capsys.readouterr().out
+    assert predict.parse_args(["x.jpg", "--model", "r"]).image == "x.jpg"
+    text = predict.format_prediction({"label": "dogs", "confidence": 0.875, "probabilities": {"cats": 0.125, "dogs": 0.875}})
+    assert text.splitlines() == ["This image is 87.50% dogs.", "  cats: 0.1250", "  dogs: 0.8750"]
+
+
+def _part_name(task: int = 0) -> str:
+    return output.PartFilenameProvider("0123456789ab").get_filename_for_task("f" * 32, task).replace(".parquet", "-0.parquet")
+
+
+def _write_part(folder: Path, paths: list[str], task: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(paths)
+    table = pa.table({
+        "path": paths, "label": ["cats"] * n, "prob_cats": pa.array([0.9] * n, pa.float32()),
+        "prob_dogs": pa.array([0.1] * n, pa.float32()), "confidence": pa.array([0.9] * n, pa.float32()),
+        "error": pa.array([None] * n, pa.string()), "width": pa.array([1] * n, pa.int32()),
+        "height": pa.array([1] * n, pa.int32()), "model_id": ["m"] * n,
+        "scored_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
+    }, schema=predictions_schema(CLASSES))
+    path = folder / _part_name(task)
+    pq.write_table(table, path)
+    return path
+
+
+def test_part_file_names_carry_run_and_write_ids_and_match_our_pattern():
+    name = output.PartFilenameProvider("0123456789ab").get_filename_for_task("a" * 32, 7)
+    assert name == f"catdog-0123456789ab-{'a' * 32}_000007.parquet"
+    assert "." not in name[: -len(".parquet")]  # Ray's template needs no dot before the extension
+    assert output.is_part_file(name.replace(".parquet", "-0.parquet"))
+    for other in ("part-0.parquet", "catdog-x.parquet", f"catdog-0123456789ab-{'a' * 32}_000007-0.parquet.tmp"):
+        assert not output.is_part_file(other)
+
+
+def test_existing_output_is_refused_then_overwrite_removes_only_our_files(tmp_path):
+    out = tmp_path / "out"
+    ours = [_write_part(out, ["/a.jpg"]), _write_part(out / "label=cats", ["/b.jpg"], 1)]
+    (out / output.SUCCESS_FILE).write_text("{}")
+    (out / output.RUN_MARKER).write_text("{}")
+    theirs = [out / "notes.md", out / "part-00000.parquet", out / "label=cats" / "mine.csv", out / "sub" / "x.parquet"]
+    for path in theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("keep me")
+    with pytest.raises(OutputExistsError, match="--resume.*--overwrite"):
+        output.refuse_existing(str(out), overwrite=False, resume=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        output.refuse_existing(str(tmp_path / "file"), overwrite=True, resume=False)
+    state = output.prepare_output(str(out), overwrite=True, resume=False, run_info={"model_id": "m"},
+                                  schema=predictions_schema(CLASSES))
+    assert state.deleted == 4
+    assert not any(p.exists() for p in ours) and not (out / output.SUCCESS_FILE).exists()
+    assert all(p.read_text() == "keep me" for p in theirs)
+    assert json.loads((out / output.RUN_MARKER).read_text()) == {"model_id": "m"}
+
+
+def test_resume_quarantines_truncated_parts_and_refuses_another_model(tmp_path):
+    out = tmp_path / "out"
+    good = _write_part(out, ["/a.jpg", "/b.jpg"])
+    bad = _write_part(out, ["/c.jpg"], 1)
+    bad.write_bytes(bad.read_bytes()[:-20])  # a write killed before its footer
+    run_info = {"model_id": "m", "class_names": CLASSES, "partition_by": None, "with_true_label": False}
+    (out / output.RUN_MARKER).write_text(json.dumps(run_info))
+    (out / output.SUCCESS_FILE).write_text("{}")
+    with pytest.raises(CatdogError, match="model_id"):
+        output.prepare_output(str(out), overwrite=False, resume=True, run_info={**run_info, "model_id": "other"},
+                              schema=predictions_schema(CLASSES))
+    state = output.prepare_output(str(out), overwrite=False, resume=True, run_info=run_info,
+                                  schema=predictions_schema(CLASSES))
+    assert sorted(state.done_paths.to_pylist()) == ["/a.jpg", "/b.jpg"]
+    assert state.kept_files == [str(good)] and len(state.quarantined) == 1
+    assert not bad.exists() and (out / output.QUARANTINE_DIR / bad.name).exists()
+    assert not (out / output.SUCCESS_FILE).exists()  # partial again while the resumed run works
+    assert output.list_part_files(str(out)) == [str(good)]
+    assert pd.read_parquet(out)["path"].tolist() == ["/a.jpg", "/b.jpg"]  # readers skip _quarantine
+
+
+def test_accounting_catches_duplicates_missing_and_unlisted_rows(tmp_path):
+    out = tmp_path / "out"
+    _write_part(out, ["/a.jpg", "/b.jpg"])
+    assert output.account(str(out), pa.array(["/a.jpg", "/b.jpg"]))["rows_written"] == 2
+    for listed in (["/a.jpg", "/b.jpg", "/c.jpg"], ["/a.jpg"], ["/a.jpg", "/c.jpg"]):
+        with pytest.raises(output.AccountingError):
+            output.account(str(out), pa.array(listed))
+    _write_part(out, ["/b.jpg"], 1)
+    with pytest.raises(output.AccountingError, match="1 duplicates"):
+        output.account(str(out), pa.array(["/a.jpg", "/b.jpg"]))
+
+
+# ---- slow: the pipeline on the session's Ray cluster ----
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile-input")
+    return root, write_corpus(root)
+
+
+@pytest.mark.slow
+def test_hostile_corpus_gives_one_row_per_file_and_in_process_predictions(ray_cluster, tiny_model_run, hostile, tmp_path):
+    root, expected = hostile
+    out = tmp_path / "preds"
+    from catdog.scoring import score
+
+    summary = score(_config(tiny_model_run, root, out, max_image_pixels=MAX_PIXELS))
+    table = _read(out)
+    paths = table["path"].to_pylist()
+    assert table.num_rows == len(expected) == len(set(paths))
+    assert sorted(paths) == sorted(str(root / name) for name in expected)
+    rows = {Path(r["path"]).relative_to(root).as_posix(): r for r in table.to_pylist()}
+    for name, outcome in expected.items():
+        row = rows[name]
+        kind = None if row["error"] is None else row["error"].split(":", 1)[0]
+        assert kind == outcome.error, (name, row["error"])
+        if outcome.error is None:
+            assert (row["width"], row["height"]) == outcome.size
+            assert row["label"] == CLASSES[int(row["prob_dogs"] > row["prob_cats"])]
+            assert row["confidence"] == max(row["prob_cats"], row["prob_dogs"])
+            assert abs(row["prob_cats"] + row["prob_dogs"] - 1) < 1e-5
+        else:
+            assert row["label"] is None and row["prob_cats"] is None and row["confidence"] is None, name
+
+    good = sorted(str(root / n) for n, o in expected.items() if o.error is None)
+    scored = table.filter(pa.compute.is_null(table["error"])).sort_by("path")
+    got = np.stack([scored[c].to_numpy() for c in PROBS], axis=1)
+    np.testing.assert_allclose(got, _in_process_probs(tiny_model_run, good), atol=1e-5)
+
+    # Schema and readers: every part file has the documented schema; pandas and pyarrow read the folder.
+    files = output.list_part_files(str(out))
+    assert len(files) >= 2 and all(Path(f).parent == out for f in files)
+    for f in files:
+        assert pq.read_schema(f).remove_metadata().equals(predictions_schema(CLASSES)), f
+    assert pq.read_table(out).num_rows == len(pd.read_parquet(out)) == len(expected)
+
+    errors = {}
+    for outcome in expected.values():
+        if outcome.error:
+            errors[outcome.error] = errors.get(outcome.error, 0) + 1
+    success = json.loads((out / output.SUCCESS_FILE).read_text())
+    assert success == json.loads(json.dumps(summary, default=str))
+    assert success["files_listed"] == success["rows_written"] == len(expected)
+    assert success["errors_by_kind"] == errors and success["predictions"] == len(good)
+    assert success["model_id"] == rows["plain.jpg"]["model_id"] and success["images_per_s"] > 0
+    assert sorted(success["output_files"]) == sorted(Path(f).name for f in files)
+
+    # A second run without --resume/--overwrite is refused, in-process and as a job (exit 2).
+    before = sorted(os.listdir(out))
+    with pytest.raises(OutputExistsError):
+        score(_config(tiny_model_run, root, out))
+    job = subprocess.run([sys.executable, "-m", "jobs.score", "--model", str(tiny_model_run), "--input", str(root),
+                          "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert job.returncode == 2, job.stderr[-2000:]
+    assert "already exists" in job.stderr and "--resume" in job.stderr
+    assert sorted(os.listdir(out)) == before
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_exact_rows_then_overwrite_partitions(ray_cluster, tiny_model_run, hostile, tmp_path):
+    from catdog.scoring import score
+
+    root, expected = hostile
+    out = tmp_path / "preds"
+    names = sorted(expected)
+    first = tmp_path / "first.csv"
+    pd.DataFrame({"path": [str(root / n) for n in names[:12]]}).to_csv(first, index=False)
+    score(_config(tiny_model_run, first, out, rows_per_file=4, batch_size=4, max_image_pixels=MAX_PIXELS))
+    # Make it look interrupted: one part file cut short mid-write, no _SUCCESS.json.
+    parts = output.list_part_files(str(out))
+    assert len(parts) == 3
+    truncated = Path(parts[1])
+    lost = pq.read_table(truncated).num_rows
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    (out / output.SUCCESS_FILE).unlink()
+
+    summary = score(_config(tiny_model_run, root, out, resume=True, max_image_pixels=MAX_PIXELS))
+    table = _read(out)
+    assert table.num_rows == len(expected) == len(set(table["path"].to_pylist()))
+    assert summary["rows_scored_this_run"] == len(expected) - 12 + lost
+    assert summary["rows_from_earlier_runs"] == 12 - lost
+    assert [Path(q).name for q in summary["quarantined_files"]] == [truncated.name]
+    assert (out / output.QUARANTINE_DIR / truncated.name).exists()
+
+    again = score(_config(tiny_model_run, root, out, resume=True))  # nothing left: no pipeline runs
+    assert again["rows_scored_this_run"] == 0 and again["rows_written"] == len(expected)
+
+    (out / "README.txt").write_text("someone else's file")
+    summary = score(_config(tiny_model_run, root, out, overwrite=True, partition_by="label",
+                            max_image_pixels=MAX_PIXELS))
+    assert (out / "README.txt").read_text() == "someone else's file"
+    assert not (out / output.QUARANTINE_DIR).exists()
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert set(folders) <= {"label=__HIVE_DEFAULT_PARTITION__", "label=cats", "label=dogs"}
+    assert "label=__HIVE_DEFAULT_PARTITION__" in folders  # error rows have no label
+    table = _read(out)
+    assert table.num_rows == len(expected) == len(set(table["path"].to_pylist()))
+    assert summary["rows_scored_this_run"] == len(expected)
+    labels = dict(zip(table["path"].to_pylist(), table["label"].to_pylist()))
+    assert all((labels[str(root / n)] is None) == (o.error is not None) for n, o in expected.items())
+    (out / "README.txt").unlink()  # pyarrow and pandas would try to read it as Parquet
+    # pandas reads the hive layout given the partition type (its inferred dictionary type cannot
+    # hold the null label of error rows: "Cannot yet unify dictionaries with nulls").
+    hive = pa.dataset.partitioning(pa.schema([("label", pa.string())]), flavor="hive")
+    frame = pd.read_parquet(out, partitioning=hive)
+    assert len(frame) == len(expected) and frame["label"].isna().sum() == sum(o.error is not None for o in expected.values())
+
+
+@pytest.mark.slow
+def test_bfloat16_matches_float32_and_manifest_labels_and_missing_paths(ray_cluster, tiny_model_run, real_photos,
+                                                                        tmp_path):
+    from catdog.scoring import score
+
+    photos = sorted(str(p) for p in (real_photos / "cats").glob("*.jpg"))[:12]
+    photos += sorted(str(p) for p in (real_photos / "dogs").glob("*.jpg"))[:12]
+    missing = [str(tmp_path / "never" / "there.jpg"), str(tmp_path / "gone.png")]
+    manifest = tmp_path / "labelled.parquet"
+    pq.write_table(pa.table({"path": photos + missing, "true_label": ["cats"] * 12 + ["dogs"] * 14}), manifest)
+    out = tmp_path / "bf16"
+    summary = score(_config(tiny_model_run, manifest, out, precision="bfloat16"))
+    table = _read(out)
+    assert table.schema.remove_metadata().equals(predictions_schema(CLASSES, with_true_label=True))
+    assert table.num_rows == 26 == len(set(table["path"].to_pylist()))
+    assert summary["with_true_label"] and summary["errors_by_kind"] == {"read_error": 2}
+    labels = dict(zip(table["path"].to_pylist(), table["true_label"].to_pylist()))
+    assert [labels[p] for p in photos + missing] == ["cats"] * 12 + ["dogs"] * 14  # carried through, errors too
+
+    scored = table.filter(pa.compute.is_null(table["error"])).sort_by("path")
+    got = np.stack([scored[c].to_numpy() for c in PROBS], axis=1)
+    fp32 = _in_process_probs(tiny_model_run, scored["path"].to_pylist())
+    bf16 = _in_process_probs(tiny_model_run, scored["path"].to_pylist(), "bfloat16")
+    np.testing.assert_allclose(got, bf16, atol=1e-3)  # the pipeline runs the same bf16 model
+    assert np.abs(got - fp32).max() <= BF16_TOLERANCE
+    assert not np.array_equal(got, fp32)  # it really ran in bfloat16
+
+
+@pytest.mark.slow
+def test_predict_job_prints_the_in_process_prediction(tiny_model_run, real_photos):
+    photo = sorted((real_photos / "dogs").glob("*.jpg"))[0]
+    job = subprocess.run([sys.executable, "-m", "jobs.predict", str(photo), "--model", str(tiny_model_run)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert job.returncode == 0, job.stderr[-2000:]
+    probs = _in_process_probs(tiny_model_run, [str(photo)])[0]
+    best = int(probs.argmax())
+    lines = job.stdout.strip().splitlines()
+    assert lines[-3] == f"This image is {probs[best]:.2%} {CLASSES[best]}."
+    assert lines[-2:] == [f"  cats: {probs[0]:.4f}", f"  dogs: {probs[1]:.4f}"]
+    bad = subprocess.run([sys.executable, "-m", "jobs.predict", str(ROOT / "pyproject.toml"), "--model",
+                          str(tiny_model_run)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert bad.returncode == 2 and "not_an_image" in bad.stderr

@@ -1,0 +1,198 @@
+"""Scoring under failure, caused for real: a predictor actor process killed mid-run, the jobs.score
+driver SIGKILLed mid-run then resumed, and hostile inputs (symlinks, unreadable and vanishing files,
+bombs, broken manifests, empty inputs). Each checks rows == files and no duplicate paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from catdog import output
+from catdog.score_config import ScoreConfig
+from conftest import write_model_run
+from hostile_corpus import write_huge_png
+
+ROOT = Path(__file__).resolve().parents[1]
+PREDICTOR_CLASS = "MapWorker(MapBatches(Predictor))"
+# Big enough that inference outlasts detecting the first output file and killing (~10 s of work
+# at 128 px on 2 cores), small enough for the test budget.
+FAULT_IMAGES = 250
+FAULT_IMAGE_SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def slow_model_run(tmp_path_factory) -> Path:
+    """A 128-pixel model: slow enough per image that a run can be interrupted mid-way."""
+    return write_model_run(tmp_path_factory.mktemp("run128"), image_size=FAULT_IMAGE_SIZE)
+
+
+def _rows_and_duplicates(out: Path) -> tuple[int, int]:
+    paths = output.read_predictions(str(out), columns=["path"])["path"]
+    return len(paths), len(paths) - len(pa.compute.unique(paths))
+
+
+def _readable_rows(out: Path) -> int:
+    rows = 0
+    for f in output.list_part_files(str(out)):
+        try:
+            rows += pq.read_metadata(f).num_rows
+        except (pa.ArrowException, OSError):
+            pass  # being written, or cut short by the kill
+    return rows
+
+
+def _wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the job starts its own local Ray
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.mark.slow
+def test_killed_predictor_actor_is_restarted_and_no_row_is_lost_or_doubled(ray_cluster, slow_model_run,
+                                                                           real_photos, tmp_path):
+    from ray.util.state import get_actor, list_actors
+
+    from catdog.scoring import score
+
+    out = tmp_path / "preds"
+    config = ScoreConfig(model=str(slow_model_run), input=str(real_photos), output=str(out),
+                         batch_size=8, rows_per_file=8)
+    expected = sum(1 for _ in real_photos.rglob("*.jpg"))
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(summary=score(config)), daemon=True)
+    worker.start()
+    try:
+        _wait_for(lambda: _readable_rows(out) > 0 or not worker.is_alive(), 300, "the first part file")
+        actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+                  if a.class_name == PREDICTOR_CLASS]
+        assert len(actors) == 1, actors
+        victim = actors[0]
+        written_before_kill = _readable_rows(out)
+        os.kill(victim.pid, signal.SIGKILL)
+        assert written_before_kill < expected, "the run ended before the kill: not a mid-run failure"
+    finally:
+        worker.join(timeout=600)
+    assert not worker.is_alive() and "summary" in result
+    summary = result["summary"]
+    assert summary["files_listed"] == summary["rows_written"] == expected
+    assert _rows_and_duplicates(out) == (expected, 0)
+    assert get_actor(victim.actor_id).num_restarts >= 1  # Ray restarted it; the lost batch was retried
+
+
+@pytest.mark.slow
+def test_sigkilled_driver_then_resume_ends_with_exact_rows(slow_model_run, real_photos, tmp_path):
+    out = tmp_path / "preds"
+    command = [sys.executable, "-m", "jobs.score", "--model", str(slow_model_run), "--input",
+               str(real_photos / "cats"), "--output", str(out), "--batch-size", "8", "--rows-per-file", "8"]
+    expected = sum(1 for _ in (real_photos / "cats").glob("*.jpg"))
+    first = subprocess.Popen(command, cwd=ROOT, env=_clean_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_for(lambda: _readable_rows(out) > 0 or first.poll() is not None, 300, "the first part file")
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        time.sleep(3)  # the killed run's workers outlive it by ~2 s (they may still write a file)
+        partial = _readable_rows(out)
+        assert 0 < partial < expected
+        assert not (out / output.SUCCESS_FILE).exists()  # readers can tell it is partial
+
+        resumed = subprocess.run([*command, "--resume"], cwd=ROOT, env=_clean_env(), capture_output=True,
+                                 text=True, timeout=600, start_new_session=True)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finally:
+        _kill_group(first.pid)
+    summary = json.loads((out / output.SUCCESS_FILE).read_text())
+    assert summary["files_listed"] == summary["rows_written"] == expected
+    assert 0 < summary["rows_from_earlier_runs"] < expected
+    assert summary["rows_scored_this_run"] == expected - summary["rows_from_earlier_runs"]
+    assert _rows_and_duplicates(out) == (expected, 0)
+    assert json.loads(resumed.stdout)["rows_written"] == expected  # the job prints the same summary
+
+
+def _kill_group(pid: int) -> None:
+    """Stop what the killed driver left behind (its Ray processes share its session)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.mark.slow
+def test_hostile_folder_symlinks_unreadable_vanishing_and_bomb_files(ray_cluster, tiny_model_run, tmp_path):
+    from catdog.inputs import list_inputs
+    from catdog.scoring import score_listing
+
+    folder, outside = tmp_path / "in", tmp_path / "outside"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    for name in ("a.jpg", "sub/b.png", "vanishing.jpg", "locked.jpg", "é" * 125 + ".jpeg"):
+        Image.new("RGB", (24, 16), (120, 60, 30)).save(folder / name)
+    Image.new("RGB", (8, 8)).save(outside / "secret.jpg")
+    os.symlink(outside / "secret.jpg", folder / "escape.jpg")  # outside: not followed
+    os.symlink(outside, folder / "escape_dir")
+    os.symlink(folder, folder / "sub" / "loop")  # a loop: walked once
+    os.symlink(folder / "gone.jpg", folder / "dangling.jpg")  # inside, target missing: an error row
+    (folder / "dir.jpg").mkdir()  # a directory named like an image: not a file
+    write_huge_png(folder / "bomb.png")  # 30,000 x 30,000: refused from its header
+    (folder / "locked.jpg").chmod(0)
+
+    listing = list_inputs(str(folder))
+    assert listing.skipped == {"symlink_outside_input": 2, "repeated_folder": 1}
+    (folder / "vanishing.jpg").unlink()  # deleted between listing and reading
+    config = ScoreConfig(model=str(tiny_model_run), input=str(folder), output=str(tmp_path / "preds"), batch_size=4)
+    summary = score_listing(config, listing)
+
+    table = output.read_predictions(config.output)
+    rows = {Path(p).name: e for p, e in zip(table["path"].to_pylist(), table["error"].to_pylist())}
+    assert table.num_rows == listing.num_files == 7 == len(rows)
+    assert rows["a.jpg"] is None and rows["b.png"] is None and rows["é" * 125 + ".jpeg"] is None
+    assert rows["vanishing.jpg"].startswith("read_error: FileNotFoundError")
+    assert rows["dangling.jpg"].startswith("read_error: FileNotFoundError")
+    assert rows["bomb.png"].startswith("too_large: 30000x30000")
+    if os.geteuid() == 0:  # root reads any file: the locked file is scored
+        assert rows["locked.jpg"] is None
+    else:
+        assert rows["locked.jpg"].startswith("read_error: PermissionError")
+    assert summary["errors_by_kind"]["read_error"] >= 2 and summary["errors_by_kind"]["too_large"] == 1
+    assert summary["skipped_while_listing"] == listing.skipped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["empty_folder", "zero_byte_manifest", "missing_input"])
+def test_unusable_input_exits_2_and_writes_nothing(tiny_model_run, tmp_path, case):
+    source = tmp_path / "input"
+    if case == "empty_folder":
+        (source / "sub").mkdir(parents=True)
+        (source / "notes.txt").write_text("no images here")
+    elif case == "zero_byte_manifest":
+        source = tmp_path / "manifest.parquet"
+        source.write_bytes(b"")
+    out = tmp_path / "preds"
+    job = subprocess.run([sys.executable, "-m", "jobs.score", "--model", str(tiny_model_run), "--input", str(source),
+                          "--output", str(out)], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert job.returncode == 2, job.stderr[-2000:]
+    assert str(source) in job.stderr and "Traceback" not in job.stderr
+    assert not out.exists()
