@@ -147,7 +147,7 @@ def plot_mistakes(mistakes: Sequence[Mistake], output: str, thumbnail_size: int 
     """Contact sheet of wrong predictions: thumbnail, file name, true and predicted label."""
     columns = max(1, min(MISTAKE_COLUMNS, len(mistakes)))
     rows = max(1, -(-len(mistakes) // columns))
-    fig = Figure(figsize=(2.4 * columns, 2.8 * rows))
+    fig = Figure(figsize=(2.4 * columns, 2.8 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     for ax in axes:
         ax.set_axis_off()
@@ -160,5 +160,5 @@ def plot_mistakes(mistakes: Sequence[Mistake], output: str, thumbnail_size: int 
             f"pred {mistake.label} ({mistake.confidence:.2f})",
             fontsize=8,
         )
-    fig.suptitle(f"{len(mistakes)} most confidently wrong" if mistakes else "mistakes", y=1.0 + 0.12 / rows)
+    fig.suptitle(f"{len(mistakes)} most confidently wrong" if mistakes else "mistakes")
     _save(fig, output)

@@ -198,6 +198,7 @@ def hand_set_runs(tmp_path_factory, sample_images):
         run = tmp_path_factory.mktemp(f"run-{name}")
         M.save_model(M.build_model(extractor, head), str(run / M.MODEL_FILENAME))
         (run / "classes.json").write_text(json.dumps(CLASSES))
+        (run / "config.json").write_text(json.dumps({"model_spec": spec.to_dict()}))  # run-folder contract
         runs[name] = run
     return runs
 
