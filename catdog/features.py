@@ -1,0 +1,197 @@
+"""The feature cache: frozen-backbone embeddings computed once with Ray Data, kept as Parquet.
+
+The backbone is frozen, so its output for a file never changes while the file, the backbone and
+the image size stay the same. Embeddings live under
+
+    <cache_dir>/<weights fingerprint>-<image size>px-<pooled|map>/part-<run id>.parquet
+
+one row per file: path, file_size, mtime_ns, features (float32 list), error (null when decoded).
+A row is reused only when path, size and mtime all match the listing, and the folder name holds
+the fingerprint of the backbone's weight values, so a different backbone never reuses stale
+features. Unreadable images are cached too (with their error), so they are reported, not retried.
+
+Part files are written under `_staging/` and moved into place when complete; readers skip
+`_`-prefixed names and any part whose Parquet footer is unreadable.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from catdog import storage
+from catdog.dataset import LabelledImages
+from catdog.runtime import configure_tensorflow
+
+logger = logging.getLogger(__name__)
+
+FEATURE_KINDS = {"gap": "pooled", "flatten": "map"}
+BLOCK_ROWS = 64  # files per Ray Data block: enough blocks to keep several actors busy
+KEY_COLUMNS = ["path", "file_size", "mtime_ns"]
+
+
+@dataclass
+class FeatureSet:
+    """Embeddings of a split, ready for Ray Train: tables with columns path, label, features."""
+
+    train: pa.Table
+    val: pa.Table
+    reused: int
+    computed: int
+    location: str
+    skipped: list[dict] = field(default_factory=list)  # {"path", "error"} per unreadable image
+
+
+def cache_folder(cache_dir: str, fingerprint: str, image_size: int, head: str) -> str:
+    """The cache folder for one backbone, image size and feature kind."""
+    return storage.join(cache_dir, f"{fingerprint}-{image_size}px-{FEATURE_KINDS[head]}")
+
+
+class FeatureEmbedder:
+    """Ray Data actor: file paths -> backbone embeddings (decoding through catdog.imaging)."""
+
+    def __init__(self, spec: dict, weights: str | None, seed: int, fingerprint: str, use_gpu: bool):
+        configure_tensorflow(use_gpu)
+        import tensorflow as tf
+
+        from catdog import model as catdog_model
+
+        self.spec = catdog_model.ModelSpec(**spec)
+        self.extractor = catdog_model.build_feature_extractor(self.spec, weights, seed)
+        found = catdog_model.weights_fingerprint(self.extractor)
+        if found != fingerprint:  # would poison the cache; cannot happen with a seeded init
+            raise RuntimeError(f"feature actor built backbone {found}, the driver expected {fingerprint}")
+        self.forward = tf.function(lambda pixels: self.extractor(pixels, training=False))
+        self.width = int(np.prod(self.spec.feature_shape))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from catdog.imaging import read_and_decode
+
+        decoded = read_and_decode(batch.column("path").to_pylist(), self.spec.image_size)
+        ok = np.array([error is None for error in decoded["error"]])
+        features = np.zeros((len(ok), self.width), dtype=np.float32)
+        if ok.any():
+            out = self.forward(decoded["image"][ok].astype(np.float32))
+            features[ok] = np.asarray(out, dtype=np.float32).reshape(int(ok.sum()), self.width)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(features.ravel()), self.width, mask=pa.array(~ok))
+        return batch.select(KEY_COLUMNS).append_column("features", column).append_column(
+            "error", pa.array(list(decoded["error"]), pa.string())
+        )
+
+
+def _read_cache(folder: str, wanted_paths: list[str]) -> pa.Table | None:
+    """Rows of the readable part files whose path is wanted (all columns), or None."""
+    if not storage.is_dir(folder):
+        return None
+    fs, inner = storage.resolve(folder)
+    tables = []
+    for entry in storage.list_files(folder, [".parquet"]):
+        relative = entry.path[len(storage.to_location(folder, inner).rstrip("/")) + 1 :]
+        if any(part.startswith(("_", ".")) for part in relative.split("/")):
+            continue
+        _, part_path = storage.resolve(entry.path)
+        try:
+            with fs.open_input_file(part_path) as f:
+                table = pq.read_table(f, filters=[("path", "in", wanted_paths)])
+        except (pa.ArrowInvalid, OSError) as exc:
+            logger.warning("Ignoring unreadable feature cache file %s: %s", entry.path, exc)
+            continue
+        tables.append(table)
+    return pa.concat_tables(tables) if tables else None
+
+
+def _write_part(folder: str, table: pa.Table, run_id: str) -> str:
+    """Write a complete part file under _staging/, then move it into the cache folder."""
+    name = f"part-{run_id}.parquet"
+    staging = storage.join(folder, "_staging", name)
+    final = storage.join(folder, name)
+    fs, staging_inner = storage.resolve(staging)
+    fs.create_dir(posixpath.dirname(staging_inner), recursive=True)
+    with fs.open_output_stream(staging_inner) as stream:
+        pq.write_table(table, stream)
+    fs.move(staging_inner, storage.resolve(final)[1])
+    return final
+
+
+def _compute(missing: pa.Table, spec: dict, weights: str | None, seed: int, fingerprint: str, *,
+             use_gpu: bool, actors: int, cpus_per_actor: float, batch_size: int) -> pa.Table:
+    """Embed the missing files with an actor pool; the driver gathers the (small) results."""
+    import ray
+
+    blocks = [missing.slice(start, BLOCK_ROWS) for start in range(0, missing.num_rows, BLOCK_ROWS)]
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        FeatureEmbedder,
+        fn_constructor_kwargs=dict(spec=spec, weights=weights, seed=seed, fingerprint=fingerprint, use_gpu=use_gpu),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+        num_cpus=cpus_per_actor,
+        num_gpus=1 if use_gpu else 0,
+    )
+    return pa.concat_tables(list(dataset.iter_batches(batch_format="pyarrow", batch_size=None)))
+
+
+def _split_table(rows: pa.Table, index: dict[str, int], images: LabelledImages) -> pa.Table:
+    """The decodable rows of `images`, in listing order, with their labels."""
+    picks, labels = [], []
+    for path, label in zip(images.paths, images.labels):
+        picks.append(index[path])
+        labels.append(label)
+    table = rows.take(pa.array(picks, pa.int64()))
+    ok = np.array([error is None for error in table.column("error").to_pylist()], dtype=bool)
+    table = table.append_column("label", pa.array(labels, pa.int32())).filter(pa.array(ok))
+    return table.select(["path", "label", "features"])
+
+
+def build_features(
+    train: LabelledImages, val: LabelledImages, spec: dict, weights: str | None, seed: int, fingerprint: str,
+    cache_dir: str, *, use_gpu: bool = False, actors: int = 1, cpus_per_actor: float = 0.5, batch_size: int = 32,
+) -> FeatureSet:
+    """Embeddings for the train and validation images: reused from the cache where valid, the rest computed.
+
+    Args:
+        spec: `ModelSpec.to_dict()` of the model being trained (image size and head decide the features).
+        weights, seed: as for `catdog.model.build_feature_extractor`.
+        fingerprint: `weights_fingerprint` of that extractor, computed by the caller.
+    """
+    folder = cache_folder(cache_dir, fingerprint, spec["image_size"], spec["head"])
+    listed = {}
+    for images in (train, val):
+        for path, size, mtime in zip(images.paths, images.sizes, images.mtimes):
+            listed[path] = (size, mtime)
+    cached = _read_cache(folder, list(listed))
+    index: dict[str, int] = {}
+    if cached is not None:
+        keys = zip(*(cached.column(name).to_pylist() for name in KEY_COLUMNS))
+        for row, (path, size, mtime) in enumerate(keys):
+            if listed.get(path) == (size, mtime) and path not in index:
+                index[path] = row
+    reused = len(index)
+    missing = [path for path in listed if path not in index]
+    rows = cached if cached is not None else None
+    if missing:
+        logger.info("Computing %d embeddings (%d reused from %s)", len(missing), reused, folder)
+        todo = pa.table({"path": missing, "file_size": [listed[p][0] for p in missing],
+                         "mtime_ns": [listed[p][1] for p in missing]}, schema=_key_schema())
+        new = _compute(todo, spec, weights, seed, fingerprint, use_gpu=use_gpu, actors=actors,
+                       cpus_per_actor=cpus_per_actor, batch_size=batch_size)
+        logger.info("Wrote %s", _write_part(folder, new, uuid.uuid4().hex[:12]))
+        offset = rows.num_rows if rows is not None else 0
+        for row, path in enumerate(new.column("path").to_pylist()):
+            index[path] = offset + row
+        rows = pa.concat_tables([rows, new.cast(rows.schema)]) if rows is not None else new
+    else:
+        logger.info("All %d embeddings reused from %s", reused, folder)
+    errors = rows.column("error").to_pylist()
+    skipped = [{"path": path, "error": errors[row]} for path, row in sorted(index.items()) if errors[row] is not None]
+    return FeatureSet(_split_table(rows, index, train), _split_table(rows, index, val), reused, len(missing), folder, skipped)
+
+
+def _key_schema() -> pa.Schema:
+    return pa.schema([("path", pa.string()), ("file_size", pa.int64()), ("mtime_ns", pa.int64())])

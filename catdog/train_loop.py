@@ -1,0 +1,222 @@
+"""The per-worker Ray Train loop: fits the classifier head data-parallel under MultiWorkerMirroredStrategy.
+
+Keras 3 `model.fit` under MultiWorkerMirroredStrategy is broken (ray issue 47464), so this is a
+custom loop: `strategy.run(step)` inside a `tf.function`, per-example losses averaged with
+`tf.nn.compute_average_loss` over the global batch, and a Keras 3 optimizer whose gradients are
+all-reduced across workers. Every worker evaluates the whole validation set and the results are
+averaged across workers, so all workers take the same early-stopping decision on the same numbers.
+
+Each epoch every worker calls `ray.train.report` (a barrier) with its metrics and a fingerprint
+of its own head weights; rank 0 attaches a small checkpoint (head, best head, optimizer state,
+history), from which a restarted worker group resumes at the next epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from catdog.runtime import configure_tensorflow
+
+logger = logging.getLogger(__name__)
+
+HEAD_WEIGHTS = "head.weights.h5"
+BEST_HEAD_WEIGHTS = "best_head.weights.h5"
+OPTIMIZER_STATE = "optimizer.npz"
+STATE_FILE = "state.json"
+VAL_BATCH_SIZE = 256  # forward-only; bounded memory even for flatten features
+SHUFFLE_BUFFER = 2048  # rows; enough to mix the cached features of several blocks
+
+
+def head_fingerprint(head) -> str:
+    """Hash of a head's weight values: equal on every worker when they are in sync."""
+    digest = hashlib.sha256()
+    for weight in head.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _fresh_state() -> dict:
+    return {"epoch": 0, "history": [], "best_val_loss": None, "best_epoch": 0, "bad_epochs": 0, "stopped_early": False}
+
+
+def _restore(checkpoint, head, best_head, optimizer) -> dict:
+    """Load head, best head, optimizer and loop state from a checkpoint; a fresh state without one."""
+    if checkpoint is None:
+        best_head.set_weights(head.get_weights())
+        return _fresh_state()
+    with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        head.load_weights(folder / HEAD_WEIGHTS)
+        best_head.load_weights(folder / BEST_HEAD_WEIGHTS)
+        saved = np.load(folder / OPTIMIZER_STATE)
+        for i, variable in enumerate(optimizer.variables):
+            variable.assign(saved[f"v{i}"])
+        return json.loads((folder / STATE_FILE).read_text())
+
+
+def _save(folder: Path, head, best_head, optimizer, state: dict) -> None:
+    head.save_weights(folder / HEAD_WEIGHTS)
+    best_head.save_weights(folder / BEST_HEAD_WEIGHTS)
+    np.savez(folder / OPTIMIZER_STATE, **{f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
+    (folder / STATE_FILE).write_text(json.dumps(state))
+
+
+def _build_augmenter(image_size: int):
+    """Random flip, rotation and crop (90% of the side, resized back); identity when not training."""
+    import keras
+
+    crop = max(32, int(image_size * 0.9))
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal"),
+            keras.layers.RandomRotation(0.1, fill_mode="reflect"),
+            keras.layers.RandomCrop(crop, crop),
+            keras.layers.Resizing(image_size, image_size),
+        ],
+        name="augment",
+    )
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """Ray Train entry point, run on every worker. `config` is built by catdog.training.
+
+    Returns (rank 0 only) the validation logits of the best head and their labels, for the
+    driver's temperature scaling and validation report.
+    """
+    configure_tensorflow(config["use_gpu"])
+    import keras
+    import ray.train
+    import tensorflow as tf
+
+    from catdog import model as catdog_model
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    spec = catdog_model.ModelSpec(**config["model_spec"])
+    end_to_end = config["mode"] == "end-to-end"
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    # ---- model and optimizer -------------------------------------------------------------------
+    keras.utils.set_random_seed(config["seed"])  # same initial head everywhere (MWMS broadcasts too)
+    with strategy.scope():
+        head = catdog_model.build_head(spec)
+        logits_model = keras.Model(head.input, head.get_layer("logits").output)
+        optimizer = keras.optimizers.Adam(config["learning_rate"])
+        optimizer.build(head.trainable_variables)
+    best_head = catdog_model.build_head(spec)  # a plain (not mirrored) copy of the best weights so far
+    best_logits_model = keras.Model(best_head.input, best_head.get_layer("logits").output)
+    extractor = augmenter = None
+    if end_to_end:
+        extractor = catdog_model.build_feature_extractor(spec, config["weights"], config["backbone_seed"])
+        found = catdog_model.weights_fingerprint(extractor)
+        if found != config["backbone_fingerprint"]:
+            raise RuntimeError(f"worker {rank} built backbone {found}, the driver {config['backbone_fingerprint']}")
+        if config["augment"]:
+            augmenter = _build_augmenter(spec.image_size)
+    state = _restore(ray.train.get_checkpoint(), head, best_head, optimizer)
+    resumed_from = state["epoch"]
+    if resumed_from:
+        logger.info("Worker %d resumes after epoch %d", rank, resumed_from)
+
+    # ---- steps ---------------------------------------------------------------------------------
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+    def inputs(batch, training):
+        if not end_to_end:
+            return tf.reshape(batch["features"], (-1, *spec.feature_shape))
+        pixels = tf.cast(batch["image"], tf.float32)
+        if augmenter is not None and training:
+            pixels = augmenter(pixels, training=True)
+        return extractor(pixels, training=False)
+
+    def replica_step(batch):
+        labels = tf.cast(batch["label"], tf.int32)
+        x = inputs(batch, training=True)
+        with tf.GradientTape() as tape:
+            logits = logits_model(x, training=True)
+            per_example = loss_fn(labels, logits)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=tf.shape(labels)[0] * world)
+        gradients = tape.gradient(loss, head.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, head.trainable_variables))
+        correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32)
+        count = tf.cast(tf.shape(labels)[0], tf.float32)
+        return tf.reduce_sum(per_example), tf.reduce_sum(correct), count
+
+    @tf.function(reduce_retracing=True)
+    def train_step(batch):
+        sums = strategy.run(replica_step, args=(batch,))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in sums]
+
+    @tf.function(reduce_retracing=True)
+    def forward(model, batch):
+        return model(inputs(batch, training=False), training=False)
+
+    @tf.function
+    def mean_over_workers(values):
+        per_replica = strategy.run(lambda: tf.identity(values))
+        return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+
+    def evaluate(model) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and labels of the whole validation set (every worker sees all of it)."""
+        logits, labels = [], []
+        for batch in ray.train.get_dataset_shard("val").iter_tf_batches(batch_size=VAL_BATCH_SIZE):
+            logits.append(forward(model, batch).numpy())
+            labels.append(batch["label"].numpy())
+        return np.concatenate(logits).astype(np.float64), np.concatenate(labels).astype(np.int64)
+
+    # ---- epochs --------------------------------------------------------------------------------
+    train_shard = ray.train.get_dataset_shard("train")
+    for epoch in range(state["epoch"] + 1, config["epochs"] + 1):
+        if state["stopped_early"]:
+            break
+        started = time.perf_counter()
+        totals = np.zeros(3)
+        for batch in train_shard.iter_tf_batches(
+            batch_size=config["per_worker_batch_size"],
+            local_shuffle_buffer_size=SHUFFLE_BUFFER,
+            local_shuffle_seed=config["seed"] * 1000 + epoch * world + rank,
+        ):
+            totals += np.array([float(v) for v in train_step(batch)])
+        logits, labels = evaluate(logits_model)
+        val_loss = float(np.mean(loss_fn(labels, logits)))
+        val_accuracy = float(np.mean(np.argmax(logits, axis=-1) == labels))
+        val_loss, val_accuracy = (float(v) for v in mean_over_workers(tf.constant([val_loss, val_accuracy], tf.float64)))
+        row = {
+            "epoch": epoch,
+            "loss": float(totals[0] / max(totals[2], 1.0)),
+            "accuracy": float(totals[1] / max(totals[2], 1.0)),
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "epoch_time_s": round(time.perf_counter() - started, 3),
+        }
+        state["history"].append(row)
+        state["epoch"] = epoch
+        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+            state.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0)
+            best_head.set_weights(head.get_weights())
+        else:
+            state["bad_epochs"] += 1
+            state["stopped_early"] = 0 < config["patience"] <= state["bad_epochs"]
+        metrics = dict(row, weights_fingerprint=head_fingerprint(head), rank=rank, resumed_from=resumed_from)
+        with tempfile.TemporaryDirectory(prefix="catdog-ckpt-") as folder:
+            checkpoint = None
+            if rank == 0:
+                _save(Path(folder), head, best_head, optimizer, state)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}-{uuid.uuid4().hex[:8]}")
+        if rank == 0:
+            logger.info("Epoch %d/%d: %s", epoch, config["epochs"], {k: round(v, 4) for k, v in row.items()})
+
+    # ---- best head on the validation set, for temperature scaling --------------------------------
+    if rank != 0:
+        return None
+    logits, labels = evaluate(best_logits_model)
+    return {"val_logits": logits.astype(np.float32), "val_labels": labels, "state": state}

@@ -1,0 +1,282 @@
+"""The training driver: data, features, Ray Train fit, temperature scaling, the run folder.
+
+    list + split -> embeddings (cached mode, catdog.features) or decoded images (end-to-end)
+      -> TensorflowTrainer(catdog.train_loop.train_loop_per_worker) with fault tolerance
+      -> best head + fitted temperature + frozen extractor -> model.keras and run files
+
+Everything a user can get wrong (arguments, data folder, output already there) is checked before
+Ray or TensorFlow start, so those mistakes fail in about a second with exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+import catdog
+from catdog import storage, train_artifacts
+from catdog.dataset import LabelledImages, list_labelled_images, split_train_val
+from catdog.errors import InputError, OutputExistsError
+from catdog.train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"  # Ray Train storage inside the run folder (head-only checkpoints)
+WORKER_LOG = "worker_reports.json"
+BACKBONE_SEED = 0  # fixed, not --seed: the random-init backbone (and its cache) is the same for every seed
+DECODE_BATCH = 32
+
+
+@dataclass
+class TrainResult:
+    """Where the run folder is and what metrics.json holds."""
+
+    output: str
+    metrics: dict
+
+
+def _prepare_output(output: str, overwrite: bool) -> None:
+    """Refuse a non-empty output folder unless `overwrite`, which removes earlier run files only."""
+    fs, path = storage.resolve(output)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        raise OutputExistsError(f"--output {output} is a file, not a folder")
+    if info.type == pafs.FileType.NotFound:
+        return
+    children = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    if not children:
+        return
+    if not overwrite:
+        raise OutputExistsError(f"--output {output} already holds {len(children)} entries; pass --overwrite to replace the run")
+    for name in train_artifacts.ARTIFACTS:
+        if storage.exists(storage.join(output, name)):
+            storage.delete_file(storage.join(output, name))
+    checkpoints = storage.resolve(storage.join(output, CHECKPOINTS_DIR))[1]
+    if fs.get_file_info(checkpoints).type == pafs.FileType.Directory:
+        fs.delete_dir(checkpoints)
+
+
+def _list_data(config: TrainConfig) -> tuple[LabelledImages, LabelledImages]:
+    images = list_labelled_images(config.data)
+    if config.val_data is None:
+        return split_train_val(images, config.val_fraction, config.seed)
+    return images, list_labelled_images(config.val_data, images.class_names)
+
+
+def _decoded_datasets(train: LabelledImages, val: LabelledImages, config: TrainConfig):
+    """End-to-end mode: decoded pixels for the workers, and the files that could not be decoded."""
+    import ray
+
+    from catdog.imaging import read_and_decode
+
+    def decode(batch: dict) -> dict:
+        out = read_and_decode(list(batch["path"]), config.image_size)
+        return {"path": batch["path"], "label": batch["label"], "image": out["image"], "error": out["error"]}
+
+    def load(images: LabelledImages):
+        table = pa.table({"path": images.paths, "label": pa.array(images.labels, pa.int32())})
+        blocks = [table.slice(i, DECODE_BATCH * 2) for i in range(0, table.num_rows, DECODE_BATCH * 2)]
+        decoded = ray.data.from_arrow(blocks).map_batches(
+            decode, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=config.cpus_per_worker
+        ).materialize()
+        errors = decoded.filter(lambda row: row["error"] is not None).select_columns(["path", "error"]).take_all()
+        ok = decoded.filter(lambda row: row["error"] is None).select_columns(["image", "label"]).materialize()
+        return ok, errors
+
+    (train_ds, train_errors), (val_ds, val_errors) = load(train), load(val)
+    skipped = sorted(({"path": e["path"], "error": e["error"]} for e in train_errors + val_errors), key=lambda e: e["path"])
+    return {"train": train_ds, "val": val_ds}, skipped, train_ds.count(), val_ds.count()
+
+
+def _cached_datasets(train: LabelledImages, val: LabelledImages, config: TrainConfig, spec, fingerprint: str):
+    import ray
+
+    from catdog.features import build_features
+
+    features = build_features(
+        train, val, spec.to_dict(), config.weights_arg, BACKBONE_SEED, fingerprint, config.feature_cache_dir,
+        use_gpu=config.use_gpu, actors=config.num_workers, cpus_per_actor=config.cpus_per_worker,
+    )
+    chunk = 256  # rows per block, so the train set splits into equal shards without one huge block
+    datasets = {
+        name: ray.data.from_arrow([table.slice(i, chunk) for i in range(0, max(table.num_rows, 1), chunk)])
+        for name, table in (("train", features.train), ("val", features.val))
+    }
+    cache = {"location": features.location, "reused": features.reused, "computed": features.computed}
+    return datasets, features.skipped, features.train.num_rows, features.val.num_rows, cache
+
+
+def _fit(config: TrainConfig, loop_config: dict, datasets: dict, run_name: str):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from catdog.runtime import worker_runtime_env
+    from catdog.train_loop import train_loop_per_worker
+    from catdog.worker_log import WorkerReportLog
+
+    checkpoint_root = storage.join(config.output, CHECKPOINTS_DIR)
+    storage_path = checkpoint_root if storage.is_uri(checkpoint_root) else storage.resolve(checkpoint_root)[1]
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            callbacks=[WorkerReportLog(storage.join(checkpoint_root, run_name, WORKER_LOG))],
+            worker_runtime_env=worker_runtime_env(),
+            logging_config=LoggingConfig(log_level="WARNING"),  # no per-report "Checkpoint created" lines
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit(), storage.join(checkpoint_root, run_name, WORKER_LOG)
+
+
+# Lines forwarded from Ray workers that say nothing to a user: TensorFlow's C++ start-up lines in
+# each worker (written before any log level applies), and Train V2's placement-group cleaner, which
+# polls the state API every second and warns each time on a local Ray without a dashboard.
+_WORKER_NOISE = re.compile(
+    r"^(I0000 00:00|E0000 00:00|W0000 00:00|WARNING: All log messages before absl)"
+    r"|Failed to query Ray Train Controller actor state"
+    r"|has constructor arguments in the object store and max_restarts > 0"
+)
+
+
+def _drop_worker_log_noise() -> None:
+    """Filter the known-noise lines out of the worker output Ray prints in this driver.
+
+    Uses Ray's internal stdout dispatcher; if its shape changes, the lines are simply printed.
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for name, handler in list(dispatcher.handlers):
+        if name != "ray_print_logs" or getattr(handler, "catdog_filtered", False):
+            continue
+
+        def filtered(data, _inner=handler):
+            lines = [line for line in data.get("lines", []) if not _WORKER_NOISE.search(line)]
+            if lines:
+                _inner({**data, "lines": lines})
+
+        filtered.catdog_filtered = True
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
+
+
+def _final_model(extractor, spec, checkpoint, temperature: float):
+    """Extractor + best head (from the latest checkpoint) with the fitted temperature."""
+    from catdog import model as catdog_model
+    from catdog.train_loop import BEST_HEAD_WEIGHTS
+
+    head = catdog_model.build_head(replace(spec, temperature=temperature))
+    with checkpoint.as_directory() as folder:
+        head.load_weights(Path(folder) / BEST_HEAD_WEIGHTS)
+    return catdog_model.build_model(extractor, head)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train a classifier head on a frozen ResNet50 with Ray Train and write the run folder.
+
+    Raises:
+        CatdogError: a bad setting, missing/empty data, or an output folder that already holds a run.
+    """
+    started = time.perf_counter()
+    config.validate()
+    _prepare_output(config.output, config.overwrite)
+    train_images, val_images = _list_data(config)
+    run_id = uuid.uuid4().hex[:12]
+    timings = {"listing_s": time.perf_counter() - started}
+    logger.info("Run %s: %d train / %d validation images -> %s", run_id, len(train_images), len(val_images), config.output)
+
+    from catdog.runtime import configure_tensorflow, init_ray
+
+    init_ray()
+    _drop_worker_log_noise()
+    configure_tensorflow(config.use_gpu)
+    from catdog import calibration
+    from catdog import model as catdog_model
+    from catdog.worker_log import summarise_worker_reports
+
+    spec = catdog_model.ModelSpec(num_classes=len(train_images.class_names), image_size=config.image_size,
+                                  head=config.head, hidden_units=config.hidden_units, dropout=config.dropout)
+    extractor = catdog_model.build_feature_extractor(spec, config.weights_arg, BACKBONE_SEED)
+    fingerprint = catdog_model.weights_fingerprint(extractor)
+    step = time.perf_counter()
+    cache = None
+    if config.mode == "cached":
+        datasets, skipped, n_train, n_val, cache = _cached_datasets(train_images, val_images, config, spec, fingerprint)
+    else:
+        datasets, skipped, n_train, n_val = _decoded_datasets(train_images, val_images, config)
+    timings["data_s"] = time.perf_counter() - step
+    if skipped:
+        logger.warning("Skipping %d unreadable image(s), listed in metrics.json", len(skipped))
+    if n_train < config.num_workers or n_val == 0:
+        raise InputError(f"too few readable images: {n_train} train (need >= {config.num_workers} workers), {n_val} validation")
+
+    loop_config = {
+        "model_spec": spec.to_dict(), "mode": config.mode, "weights": config.weights_arg, "seed": config.seed,
+        "backbone_seed": BACKBONE_SEED, "backbone_fingerprint": fingerprint, "epochs": config.epochs, "learning_rate": config.learning_rate,
+        "patience": config.patience, "augment": config.augment, "use_gpu": config.use_gpu,
+        "per_worker_batch_size": config.per_worker_batch_size,
+    }
+    step = time.perf_counter()
+    result, worker_log = _fit(config, loop_config, datasets, f"train-{run_id}")
+    timings["training_s"] = time.perf_counter() - step
+
+    step = time.perf_counter()
+    returned = result.return_value
+    logits, labels, state = returned["val_logits"], returned["val_labels"], returned["state"]
+    temperature = calibration.fit_temperature(logits, labels)
+    model = _final_model(extractor, spec, result.checkpoint, temperature)
+    catdog_model.save_model(model, catdog_model.model_file(config.output))
+    history = state["history"]
+    best = next(row for row in history if row["epoch"] == state["best_epoch"])
+    metrics = {
+        "run_id": run_id,
+        "catdog_version": catdog.__version__,
+        "final": history[-1],
+        "best": best,
+        "epochs_run": len(history),
+        "stopped_early": state["stopped_early"],
+        "validation": train_artifacts.classification_report(labels, np.argmax(logits, axis=1), train_images.class_names),
+        "calibration": calibration.calibration_summary(logits, labels, temperature),
+        "data": {
+            "classes": train_images.class_names,
+            "train_listed": train_images.class_counts(), "val_listed": val_images.class_counts(),
+            "train_images": n_train, "val_images": n_val,
+            "skipped": len(skipped), "skipped_files": skipped,
+        },
+        "cache": cache,
+        "workers": summarise_worker_reports(storage.read_json(worker_log), config.num_workers),
+        "backbone_fingerprint": fingerprint,
+    }
+    run_config = {
+        **config.to_dict(), "run_id": run_id, "model_spec": replace(spec, temperature=temperature).to_dict(),
+        "weights": config.weights, "backbone_fingerprint": fingerprint, "class_names": train_images.class_names,
+        "checkpoints": storage.join(config.output, CHECKPOINTS_DIR, f"train-{run_id}"),
+    }
+    timings["finalize_s"] = time.perf_counter() - step
+    timings["wall_time_s"] = time.perf_counter() - started
+    metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    metrics["wall_time_s"] = metrics["timings"]["wall_time_s"]
+    train_artifacts.write_run_artifacts(config.output, train_images.class_names, run_config, metrics, history)
+    logger.info("Run %s done in %.1f s: best epoch %d val_accuracy %.4f, temperature %.3f -> %s", run_id,
+                metrics["wall_time_s"], best["epoch"], best["val_accuracy"], temperature, config.output)
+    return TrainResult(config.output, metrics)

@@ -1,0 +1,67 @@
+"""A record of what every training worker reported, and of worker failures.
+
+`ray.train.report` attaches only rank 0's metrics to a checkpoint; this Ray Train callback runs in
+the Train controller, sees every worker's metrics after each report, and rewrites one JSON file
+with all events. The driver summarises it into metrics.json: per-epoch head-weight fingerprints of
+each worker (identical when data parallelism kept the replicas in sync), failures and resumes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray.train import UserCallback
+
+from catdog import storage
+
+REPORTED_KEYS = ("epoch", "rank", "weights_fingerprint", "resumed_from", "loss", "val_loss", "val_accuracy")
+
+
+class WorkerReportLog(UserCallback):
+    """Keeps every report and failure event and writes them to `location` (JSON list) each time."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self.events: list[dict] = []
+
+    def _write(self) -> None:
+        storage.write_json(self.location, self.events)
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        workers = [{key: m.get(key) for key in REPORTED_KEYS} for m in metrics]
+        self.events.append({"event": "report", "time": time.time(), "workers": workers,
+                            "checkpoint": checkpoint is not None})
+        self._write()
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        self.events.append({
+            "event": "failure",
+            "time": time.time(),
+            "ranks": sorted(int(rank) for rank in worker_exceptions),
+            "errors": {str(rank): f"{type(exc).__name__}: {str(exc)[:300]}" for rank, exc in worker_exceptions.items()},
+        })
+        self._write()
+
+
+def summarise_worker_reports(events: list[dict], num_workers: int) -> dict:
+    """Per-epoch fingerprints by rank (the last report of an epoch wins), sync check, failures, resumes."""
+    by_epoch: dict[int, list[str]] = {}
+    resumed_from = set()
+    reports = 0
+    for event in events:
+        if event["event"] != "report":
+            continue
+        reports += 1
+        workers = sorted(event["workers"], key=lambda w: w["rank"])
+        by_epoch[workers[0]["epoch"]] = [w["weights_fingerprint"] for w in workers]
+        resumed_from.update(w["resumed_from"] for w in workers if w["resumed_from"])
+    in_sync = bool(by_epoch) and all(len(fps) == num_workers and len(set(fps)) == 1 for fps in by_epoch.values())
+    return {
+        "num_workers": num_workers,
+        "weights_in_sync": in_sync,
+        "weight_fingerprints_by_epoch": {str(epoch): fps for epoch, fps in sorted(by_epoch.items())},
+        "reports": reports,
+        "reported_epochs": [w["epoch"] for e in events if e["event"] == "report" for w in e["workers"][:1]],
+        "failures": [e for e in events if e["event"] == "failure"],
+        "resumed_from_epochs": sorted(resumed_from),
+    }

@@ -1,0 +1,253 @@
+"""Training: argument checks (fast, no Ray) and real Ray Train runs on generated and real images.
+
+One 2-worker cached run is shared by several tests (module fixture); a second run goes through the
+`python -m jobs.train` command line and must reuse that run's feature cache; a third runs end to
+end with augmentation on a backbone weights file the test saved.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from catdog.dataset import list_labelled_images, split_train_val
+from catdog.train_config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = ["model.keras", "classes.json", "config.json", "metrics.json", "history.csv", "curves.png"]
+
+
+def _run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.train", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _read(run: Path, name: str):
+    return json.loads((run / name).read_text())
+
+
+# ---- fast: configuration and command line -----------------------------------------------------
+
+
+def test_parser_defaults_are_the_config_defaults():
+    from jobs.train import build_parser
+
+    args = vars(build_parser().parse_args(["--data", "d", "--output", "o"]))
+    args.pop("verbose")
+    assert TrainConfig(**args) == TrainConfig(data="d", output="o")
+
+
+@pytest.mark.parametrize(
+    "change, flag",
+    [
+        ({"mode": "fast"}, "--mode"),
+        ({"val_fraction": 1.0}, "--val-fraction"),
+        ({"image_size": 16}, "--image-size"),
+        ({"epochs": 0}, "--epochs"),
+        ({"num_workers": 4, "batch_size": 2}, "--batch-size"),
+        ({"cpus_per_worker": 0}, "--cpus-per-worker"),
+        ({"augment": True}, "--augment"),
+        ({"patience": -1}, "--patience"),
+        ({"weights": "/no/such/file.weights.h5"}, "--weights"),
+    ],
+)
+def test_config_validation_names_the_bad_setting(change, flag):
+    from catdog.errors import CatdogError
+
+    with pytest.raises(CatdogError, match=flag):
+        TrainConfig(data="d", output="o", **change).validate()
+
+
+def test_bad_arguments_exit_2_before_ray_starts(tmp_path, sample_images):
+    one_class = tmp_path / "one"
+    (one_class / "cats").mkdir(parents=True)
+    (one_class / "cats" / "a.jpg").write_bytes((sample_images / "cats" / "cats_0001.jpg").read_bytes())
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model.keras").write_text("an earlier run")
+    out = str(tmp_path / "out")
+    cases = {
+        "data folder not found": ["--data", str(tmp_path / "missing"), "--output", out],
+        "at least 2 classes": ["--data", str(one_class), "--output", out],
+        "--val-fraction": ["--data", str(sample_images), "--output", out, "--val-fraction", "1.5"],
+        "--augment needs --mode end-to-end": ["--data", str(sample_images), "--output", out, "--augment"],
+        "--overwrite": ["--data", str(sample_images), "--output", str(taken)],
+        "--weights": ["--data", str(sample_images), "--output", out, "--weights", str(tmp_path / "nope.h5")],
+        "invalid int value": ["--data", str(sample_images), "--output", out, "--epochs", "ten"],
+        "invalid choice": ["--data", str(sample_images), "--output", out, "--head", "mlp"],
+    }
+    procs = {
+        expected: subprocess.Popen([sys.executable, "-m", "jobs.train", *args], cwd=REPO, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for expected, args in cases.items()
+    }
+    for expected, proc in procs.items():
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (expected, output)
+        assert expected in output, (expected, output)
+        assert "Ray" not in output and "Traceback" not in output, output
+    assert not Path(out).exists()
+    assert (taken / "model.keras").read_text() == "an earlier run"
+
+
+def test_help_lists_every_flag_of_the_issue():
+    result = _run_cli("--help", timeout=60)
+    assert result.returncode == 0
+    for flag in ("--data", "--output", "--val-data", "--val-fraction", "--seed", "--image-size", "--head",
+                 "--weights", "--mode", "--augment", "--epochs", "--batch-size", "--learning-rate", "--patience",
+                 "--num-workers", "--use-gpu", "--cpus-per-worker", "--cache-dir", "--keep-checkpoints",
+                 "--max-failures", "--overwrite"):
+        assert flag in result.stdout, flag
+
+
+# ---- slow: real training runs -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_cluster, sample_images, cache_dir, tmp_path_factory):
+    """2 workers, cached features, random-init backbone, 32 px: the run several tests inspect."""
+    from catdog.training import train
+
+    output = tmp_path_factory.mktemp("runs") / "two-workers"
+    config = TrainConfig(data=str(sample_images), output=str(output), weights="none", image_size=32, epochs=6,
+                         patience=3, num_workers=2, cache_dir=str(cache_dir), keep_checkpoints=2, seed=123)
+    result = train(config)
+    return config, output, result
+
+
+@pytest.mark.slow
+def test_two_workers_reach_high_accuracy_with_identical_weights(two_worker_run):
+    config, output, result = two_worker_run
+    metrics = _read(output, "metrics.json")
+    assert result.metrics["best"] == metrics["best"]
+    assert metrics["best"]["val_accuracy"] >= 0.95
+    assert metrics["validation"]["accuracy"] >= 0.95
+    workers = metrics["workers"]
+    assert workers["num_workers"] == 2 and workers["weights_in_sync"] is True
+    fingerprints = workers["weight_fingerprints_by_epoch"]
+    assert sorted(fingerprints, key=int) == [str(e) for e in range(1, metrics["epochs_run"] + 1)]
+    for epoch, pair in fingerprints.items():
+        assert len(pair) == 2 and pair[0] == pair[1], (epoch, pair)
+    assert len({pair[0] for pair in fingerprints.values()}) == len(fingerprints)  # weights did change every epoch
+
+
+@pytest.mark.slow
+def test_run_folder_holds_every_artifact(two_worker_run, sample_images):
+    from PIL import Image
+
+    config, output, _ = two_worker_run
+    for name in ARTIFACTS:
+        assert (output / name).stat().st_size > 0, name
+    assert _read(output, "classes.json") == ["cats", "dogs"]
+    run_config = _read(output, "config.json")
+    metrics = _read(output, "metrics.json")
+    assert run_config["weights"] == "none" and run_config["num_workers"] == 2
+    assert run_config["model_spec"]["num_classes"] == 2 and run_config["model_spec"]["image_size"] == 32
+    assert run_config["model_spec"]["temperature"] == metrics["calibration"]["temperature"]
+    with open(output / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, metrics["epochs_run"] + 1))
+    assert float(rows[-1]["val_accuracy"]) == pytest.approx(metrics["final"]["val_accuracy"])
+    assert Image.open(output / "curves.png").size[0] >= 600
+    data = metrics["data"]
+    assert data["train_images"] + data["val_images"] + data["skipped"] == 80
+    assert metrics["cache"]["computed"] == 80 and metrics["cache"]["reused"] == 0
+    assert set(metrics["validation"]["per_class"]) == {"cats", "dogs"}
+    assert np.sum(metrics["validation"]["confusion_matrix"]) == data["val_images"]
+    for key in ("before", "after"):
+        assert set(metrics["calibration"][key]) == {"ece", "nll"}
+    assert metrics["calibration"]["after"]["nll"] <= metrics["calibration"]["before"]["nll"] + 1e-9
+    checkpoints = [p for p in (output / "checkpoints").glob("train-*/epoch-*") if p.is_dir()]
+    assert 1 <= len(checkpoints) <= config.keep_checkpoints + 1  # best K by val_loss, plus the latest
+    assert all((p / "best_head.weights.h5").stat().st_size < 10_000_000 for p in checkpoints)  # head only
+
+
+@pytest.mark.slow
+def test_saved_model_scores_validation_images_with_the_fitted_temperature(two_worker_run):
+    from catdog.imaging import read_and_decode
+    from catdog.model import load_model
+
+    config, output, _ = two_worker_run
+    metrics = _read(output, "metrics.json")
+    model = load_model(str(output))  # Keras safe mode
+    _, val = split_train_val(list_labelled_images(config.data), config.val_fraction, config.seed)
+    pixels = read_and_decode(val.paths, config.image_size)["image"]
+    probabilities = np.asarray(model.predict(pixels, verbose=0), dtype=np.float64)
+    labels = np.array(val.labels)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert np.mean(probabilities.argmax(axis=1) == labels) >= 0.95
+    temperature = metrics["calibration"]["temperature"]
+    assert model.get_layer("head").get_layer("temperature").scale == pytest.approx(1 / temperature)
+    # the model's probabilities are softmax(logits / T): their NLL is the "after" figure of metrics.json
+    log_probs = np.log(np.clip(probabilities, 1e-300, 1.0))
+    nll = -np.mean(log_probs[np.arange(len(labels)), labels])
+    assert nll == pytest.approx(metrics["calibration"]["after"]["nll"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_second_run_from_the_command_line_reuses_the_feature_cache(two_worker_run, sample_images, cache_dir, tmp_path):
+    output = tmp_path / "again"
+    result = _run_cli("--data", str(sample_images), "--output", str(output), "--weights", "none", "--image-size", "32",
+                      "--epochs", "1", "--num-workers", "1", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = _read(output, "metrics.json")
+    assert metrics["cache"]["reused"] == 80 and metrics["cache"]["computed"] == 0
+    assert metrics["backbone_fingerprint"] == _read(two_worker_run[1], "metrics.json")["backbone_fingerprint"]
+    assert metrics["epochs_run"] == 1
+    for name in ARTIFACTS:
+        assert (output / name).exists(), name
+
+
+@pytest.mark.slow
+def test_end_to_end_with_augmentation_on_a_saved_weights_file(ray_cluster, sample_images, tmp_path, two_worker_run):
+    import keras
+
+    from catdog.model import ResNet50Preprocess, load_model
+    from catdog.training import train
+
+    keras.utils.set_random_seed(7)  # not catdog's seed: a backbone the cache has never seen
+    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")
+    weights_file = tmp_path / "backbone.weights.h5"
+    backbone.save_weights(weights_file)
+    output = tmp_path / "e2e"
+    train(TrainConfig(data=str(sample_images), output=str(output), weights=str(weights_file), image_size=32, epochs=2,
+                      num_workers=2, mode="end-to-end", augment=True, seed=5))
+
+    metrics = _read(output, "metrics.json")
+    assert metrics["workers"]["weights_in_sync"] is True and metrics["epochs_run"] == 2
+    assert metrics["cache"] is None
+    assert metrics["backbone_fingerprint"] != _read(two_worker_run[1], "metrics.json")["backbone_fingerprint"]
+    assert _read(output, "config.json")["weights"] == str(weights_file)
+    extractor = load_model(str(output)).get_layer("feature_extractor")
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3)).astype("float32")
+    expected = backbone(ResNet50Preprocess()(pixels), training=False)
+    np.testing.assert_allclose(extractor(pixels, training=False), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_photos_produce_every_artifact(ray_cluster, real_photos, tmp_path):
+    from catdog.training import train
+
+    output = tmp_path / "real"
+    train(TrainConfig(data=str(real_photos), output=str(output), weights="none", image_size=64, epochs=2,
+                      num_workers=1, cache_dir=str(tmp_path / "cache")))
+    for name in ARTIFACTS:
+        assert (output / name).stat().st_size > 0, name
+    metrics = _read(output, "metrics.json")
+    data = metrics["data"]
+    assert data["classes"] == ["cats", "dogs"]
+    assert data["train_images"] + data["val_images"] + data["skipped"] == 500
+    assert 0.1 < data["val_images"] / 500 < 0.3
+    assert 0.0 <= metrics["best"]["val_accuracy"] <= 1.0 and metrics["epochs_run"] <= 2
