@@ -81,15 +81,19 @@ def _decoded_datasets(train: LabelledImages, val: LabelledImages, config: TrainC
         out = read_and_decode(list(batch["path"]), config.image_size)
         return {"path": batch["path"], "label": batch["label"], "image": out["image"], "error": out["error"]}
 
+    def decodable(batch: dict) -> dict:
+        ok = np.array([error is None for error in batch["error"]], dtype=bool)
+        return {"image": batch["image"][ok], "label": batch["label"][ok]}
+
     def load(images: LabelledImages):
         table = pa.table({"path": images.paths, "label": pa.array(images.labels, pa.int32())})
         blocks = [table.slice(i, DECODE_BATCH * 2) for i in range(0, table.num_rows, DECODE_BATCH * 2)]
         decoded = ray.data.from_arrow(blocks).map_batches(
             decode, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=config.cpus_per_worker
         ).materialize()
-        errors = decoded.filter(lambda row: row["error"] is not None).select_columns(["path", "error"]).take_all()
-        ok = decoded.filter(lambda row: row["error"] is None).select_columns(["image", "label"]).materialize()
-        return ok, errors
+        outcomes = decoded.select_columns(["path", "error"]).take_all()
+        errors = [row for row in outcomes if row["error"] is not None]
+        return decoded.map_batches(decodable, batch_format="numpy").materialize(), errors
 
     (train_ds, train_errors), (val_ds, val_errors) = load(train), load(val)
     skipped = sorted(({"path": e["path"], "error": e["error"]} for e in train_errors + val_errors), key=lambda e: e["path"])
@@ -148,13 +152,18 @@ def _fit(config: TrainConfig, loop_config: dict, datasets: dict, run_name: str):
 
 
 # Lines forwarded from Ray workers that say nothing to a user: TensorFlow's C++ start-up lines in
-# each worker (written before any log level applies), and Train V2's placement-group cleaner, which
-# polls the state API every second and warns each time on a local Ray without a dashboard.
+# each worker (written before any log level applies); Ray Train's per-report echo of every metric
+# (catdog's rank 0 logs one line per epoch instead) and Ray Data's per-epoch start/finish lines of
+# each worker's shard; and everything from Train V2's placement-group cleaner, which polls the state
+# API every second and warns (with tracebacks) each time on a local Ray without a dashboard.
 _WORKER_NOISE = re.compile(
     r"^(I0000 00:00|E0000 00:00|W0000 00:00|WARNING: All log messages before absl)"
-    r"|Failed to query Ray Train Controller actor state"
     r"|has constructor arguments in the object store and max_restarts > 0"
+    r"|Reporting training result \d+: TrainingReport|Checkpoint successfully created at"
+    r"|Dataset (train|val)_\w+ execution finished|(Starting execution|Execution plan) of Dataset (train|val)_"
+    r"|A new progress UI is available"
 )
+_NOISY_ACTORS = ("PlacementGroupCleaner",)
 
 
 def _drop_worker_log_noise() -> None:
@@ -171,6 +180,8 @@ def _drop_worker_log_noise() -> None:
             continue
 
         def filtered(data, _inner=handler):
+            if data.get("actor_name") in _NOISY_ACTORS:
+                return
             lines = [line for line in data.get("lines", []) if not _WORKER_NOISE.search(line)]
             if lines:
                 _inner({**data, "lines": lines})
