@@ -74,6 +74,7 @@ class OutputState:
     kept_files: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
     deleted: int = 0
+    created: bool = False  # the run made the folder
 
 
 def _entries(output: str, recursive: bool) -> list[pafs.FileInfo]:
@@ -125,7 +126,7 @@ def prepare_output(output: str, *, overwrite: bool, resume: bool, run_info: dict
         CatdogError: a resume with another model, classes or layout than the existing output.
     """
     refuse_existing(output, overwrite=overwrite, resume=resume)
-    state = OutputState()
+    state = OutputState(created=not storage.exists(output))
     if _entries(output, recursive=False):
         if overwrite:
             state.deleted = _delete_own_files(output)
@@ -137,6 +138,18 @@ def prepare_output(output: str, *, overwrite: bool, resume: bool, run_info: dict
     storage.make_dirs(output)
     storage.write_json(storage.join(output, RUN_MARKER), run_info)
     return state
+
+
+def discard_if_empty(output: str, remove_folder: bool) -> None:
+    """When no part file exists: remove our run marker, and the folder if we created it."""
+    if list_part_files(output):
+        return
+    marker = storage.join(output, RUN_MARKER)
+    if storage.exists(marker):
+        storage.delete_file(marker)
+    fs, root = storage.resolve(output)
+    if remove_folder and not _entries(output, recursive=False):
+        fs.delete_dir(root)
 
 
 def _delete_own_files(output: str) -> int:

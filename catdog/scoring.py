@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 
 import numpy as np
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 
 import catdog
 from catdog import imaging, inputs, output, storage
+from catdog.errors import ModelLoadError
 from catdog.predictor import ModelInfo
 from catdog.runtime import init_ray
 from catdog.schema import predictions_schema
@@ -125,6 +127,23 @@ def run_pipeline(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: s
     )
 
 
+def _run_reporting_model_errors(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: str) -> None:
+    """Run the pipeline; a model the actors cannot load is the user's ModelLoadError (exit 2).
+
+    The driver checks the artifact without loading it; what only loading can find (corrupt
+    weights, shapes that do not fit classes.json) surfaces here as an actor that died in __init__.
+    """
+    from ray.exceptions import RayActorError
+
+    try:
+        run_pipeline(todo, config, info, run_id)
+    except RayActorError as exc:
+        found = re.search(r"ModelLoadError: (.+)", str(exc))
+        if exc.actor_init_failed and found:
+            raise ModelLoadError(found.group(1).strip()) from exc
+        raise
+
+
 def score(config: ScoreConfig) -> dict:
     """Score every image of `config.input` into `config.output`; return the _SUCCESS.json summary.
 
@@ -162,7 +181,11 @@ def score_listing(config: ScoreConfig, listing: inputs.InputListing, started: fl
                 listing.num_files, config.input, config.output, config.precision, config.effective_batch_size)
     if todo.num_rows:
         init_ray(config.ray_address)
-        run_pipeline(todo, config, info, run_id)
+        try:
+            _run_reporting_model_errors(todo, config, info, run_id)
+        except ModelLoadError:
+            output.discard_if_empty(config.output, state.created)  # no trace of a run that wrote no row
+            raise
     counts = output.account(config.output, listing.table["path"].combine_chunks())
     wall = time.monotonic() - started
     summary = {

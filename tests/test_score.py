@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.dataset  # noqa: F401 - pa.dataset
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from catdog import output
 from catdog.errors import CatdogError, OutputExistsError
@@ -167,6 +168,72 @@ def test_accounting_catches_duplicates_missing_and_unlisted_rows(tmp_path):
     _write_part(out, ["/b.jpg"], 1)
     with pytest.raises(output.AccountingError, match="1 duplicates"):
         output.account(str(out), pa.array(["/a.jpg", "/b.jpg"]))
+
+
+def test_model_description_needs_no_tensorflow_and_matches_catdog_model(tiny_model_run):
+    from catdog import model as catdog_model
+    from catdog.predictor import describe_model, model_file
+
+    info = describe_model(str(tiny_model_run))
+    assert (info.image_size, info.class_names) == (32, tuple(CLASSES))
+    assert info.model_id == catdog_model.model_id(str(tiny_model_run))  # the same artifact hash
+    for location in (str(tiny_model_run), str(tiny_model_run / "model.keras"), "s3://b/run"):
+        assert model_file(location) == catdog_model.model_file(location)
+    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom catdog.predictor import describe_model\n"
+                            f"describe_model({str(tiny_model_run)!r})\nprint('tensorflow' in sys.modules)"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    assert probe.stdout.strip() == "False"
+
+
+def _lambda_run(folder: Path) -> Path:
+    """A run folder whose model hides code in a Lambda layer (loadable only outside safe mode)."""
+    from catdog import model as catdog_model  # noqa: F401 - TensorFlow, quietly
+
+    import keras
+
+    pixels = keras.Input((32, 32, 3))
+    x = keras.layers.Lambda(lambda t: t * 2.0)(keras.layers.GlobalAveragePooling2D()(pixels))
+    model = keras.Model(pixels, keras.layers.Dense(2, activation="softmax")(x))
+    folder.mkdir()
+    model.save(folder / "model.keras")
+    (folder / "classes.json").write_text(json.dumps(CLASSES))
+    return folder
+
+
+def test_a_model_with_a_lambda_layer_is_refused_before_anything_runs(tmp_path):
+    from catdog.errors import ModelLoadError
+    from catdog.model import load_model
+    from catdog.predictor import describe_model
+
+    run = _lambda_run(tmp_path / "run")
+    with pytest.raises(ModelLoadError, match="Lambda"):
+        describe_model(str(run))  # the driver's check, before Ray starts
+    with pytest.raises(ModelLoadError, match="Lambda"):
+        load_model(str(run))  # the actors' safe-mode load refuses it too
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.jpg")
+    out = tmp_path / "out"
+    job = subprocess.run([sys.executable, "-m", "jobs.score", "--model", str(run), "--input", str(images),
+                          "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert job.returncode == 2 and "Lambda layers are refused" in job.stderr, job.stderr[-2000:]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["no_classes", "bad_classes", "not_a_model", "no_model"])
+def test_unusable_run_folders_are_model_load_errors(tmp_path, tiny_model_run, case):
+    from catdog.errors import ModelLoadError
+    from catdog.predictor import describe_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    if case != "no_model":
+        (run / "model.keras").write_bytes(b"PK-not-really" if case == "not_a_model" else
+                                          (tiny_model_run / "model.keras").read_bytes())
+    if case != "no_classes":
+        (run / "classes.json").write_text('["only-one"]' if case == "bad_classes" else json.dumps(CLASSES))
+    with pytest.raises(ModelLoadError, match=str(run)):
+        describe_model(str(run))
 
 
 # ---- slow: the pipeline on the session's Ray cluster ----
