@@ -79,11 +79,13 @@ def _decoded_datasets(train: LabelledImages, val: LabelledImages, config: TrainC
 
     def decode(batch: dict) -> dict:
         out = read_and_decode(list(batch["path"]), config.image_size)
-        return {"path": batch["path"], "label": batch["label"], "image": out["image"], "error": out["error"]}
+        # an explicit flag: an all-None error column becomes NaNs in numpy batches downstream
+        readable = np.array([error is None for error in out["error"]], dtype=bool)
+        return {"path": batch["path"], "label": batch["label"], "image": out["image"],
+                "readable": readable, "error": np.array([e or "" for e in out["error"]], dtype=object)}
 
     def decodable(batch: dict) -> dict:
-        ok = np.array([error is None for error in batch["error"]], dtype=bool)
-        return {"image": batch["image"][ok], "label": batch["label"][ok]}
+        return {"image": batch["image"][batch["readable"]], "label": batch["label"][batch["readable"]]}
 
     def load(images: LabelledImages):
         table = pa.table({"path": images.paths, "label": pa.array(images.labels, pa.int32())})
@@ -91,8 +93,8 @@ def _decoded_datasets(train: LabelledImages, val: LabelledImages, config: TrainC
         decoded = ray.data.from_arrow(blocks).map_batches(
             decode, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=config.cpus_per_worker
         ).materialize()
-        outcomes = decoded.select_columns(["path", "error"]).take_all()
-        errors = [row for row in outcomes if row["error"] is not None]
+        outcomes = decoded.select_columns(["path", "readable", "error"]).take_all()
+        errors = [{"path": row["path"], "error": row["error"]} for row in outcomes if not row["readable"]]
         return decoded.map_batches(decodable, batch_format="numpy").materialize(), errors
 
     (train_ds, train_errors), (val_ds, val_errors) = load(train), load(val)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,12 +117,24 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_worker_run(ray_cluster, sample_images, cache_dir, tmp_path_factory):
+def training_data(sample_images, tmp_path_factory) -> Path:
+    """The 80 generated images plus two unreadable ones: a text file and a truncated JPEG."""
+    root = tmp_path_factory.mktemp("data") / "images"
+    shutil.copytree(sample_images, root)
+    (root / "cats" / "notes.jpg").write_text("not an image")
+    jpeg = (sample_images / "dogs" / "dogs_0001.jpg").read_bytes()
+    (root / "dogs" / "nested").mkdir()
+    (root / "dogs" / "nested" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_cluster, training_data, cache_dir, tmp_path_factory):
     """2 workers, cached features, random-init backbone, 32 px: the run several tests inspect."""
     from catdog.training import train
 
     output = tmp_path_factory.mktemp("runs") / "two-workers"
-    config = TrainConfig(data=str(sample_images), output=str(output), weights="none", image_size=32, epochs=6,
+    config = TrainConfig(data=str(training_data), output=str(output), weights="none", image_size=32, epochs=6,
                          patience=3, num_workers=2, cache_dir=str(cache_dir), keep_checkpoints=2, seed=123)
     result = train(config)
     return config, output, result
@@ -144,7 +157,7 @@ def test_two_workers_reach_high_accuracy_with_identical_weights(two_worker_run):
 
 
 @pytest.mark.slow
-def test_run_folder_holds_every_artifact(two_worker_run, sample_images):
+def test_run_folder_holds_every_artifact(two_worker_run, training_data):
     from PIL import Image
 
     config, output, _ = two_worker_run
@@ -162,8 +175,8 @@ def test_run_folder_holds_every_artifact(two_worker_run, sample_images):
     assert float(rows[-1]["val_accuracy"]) == pytest.approx(metrics["final"]["val_accuracy"])
     assert Image.open(output / "curves.png").size[0] >= 600
     data = metrics["data"]
-    assert data["train_images"] + data["val_images"] + data["skipped"] == 80
-    assert metrics["cache"]["computed"] == 80 and metrics["cache"]["reused"] == 0
+    assert data["train_images"] + data["val_images"] + data["skipped"] == 82
+    assert metrics["cache"]["computed"] == 82 and metrics["cache"]["reused"] == 0
     assert set(metrics["validation"]["per_class"]) == {"cats", "dogs"}
     assert np.sum(metrics["validation"]["confusion_matrix"]) == data["val_images"]
     for key in ("before", "after"):
@@ -175,6 +188,14 @@ def test_run_folder_holds_every_artifact(two_worker_run, sample_images):
 
 
 @pytest.mark.slow
+def test_unreadable_images_are_skipped_counted_and_listed(two_worker_run, training_data):
+    skipped = _read(two_worker_run[1], "metrics.json")["data"]["skipped_files"]
+    assert [s["path"] for s in skipped] == [str(training_data / "cats" / "notes.jpg"),
+                                             str(training_data / "dogs" / "nested" / "cut.jpg")]
+    assert [s["error"].split(":")[0] for s in skipped] == ["not_an_image", "truncated"]
+
+
+@pytest.mark.slow
 def test_saved_model_scores_validation_images_with_the_fitted_temperature(two_worker_run):
     from catdog.imaging import read_and_decode
     from catdog.model import load_model
@@ -183,9 +204,10 @@ def test_saved_model_scores_validation_images_with_the_fitted_temperature(two_wo
     metrics = _read(output, "metrics.json")
     model = load_model(str(output))  # Keras safe mode
     _, val = split_train_val(list_labelled_images(config.data), config.val_fraction, config.seed)
-    pixels = read_and_decode(val.paths, config.image_size)["image"]
-    probabilities = np.asarray(model.predict(pixels, verbose=0), dtype=np.float64)
-    labels = np.array(val.labels)
+    decoded = read_and_decode(val.paths, config.image_size)
+    readable = np.array([error is None for error in decoded["error"]])
+    probabilities = np.asarray(model.predict(decoded["image"][readable], verbose=0), dtype=np.float64)
+    labels = np.array(val.labels)[readable]
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert np.mean(probabilities.argmax(axis=1) == labels) >= 0.95
     temperature = metrics["calibration"]["temperature"]
@@ -197,13 +219,16 @@ def test_saved_model_scores_validation_images_with_the_fitted_temperature(two_wo
 
 
 @pytest.mark.slow
-def test_second_run_from_the_command_line_reuses_the_feature_cache(two_worker_run, sample_images, cache_dir, tmp_path):
+def test_second_run_from_the_command_line_reuses_the_feature_cache(two_worker_run, training_data, cache_dir, tmp_path):
+    changed = training_data / "cats" / "cats_0003.jpg"
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))  # "edited"
     output = tmp_path / "again"
-    result = _run_cli("--data", str(sample_images), "--output", str(output), "--weights", "none", "--image-size", "32",
+    result = _run_cli("--data", str(training_data), "--output", str(output), "--weights", "none", "--image-size", "32",
                       "--epochs", "1", "--num-workers", "1", "--cache-dir", str(cache_dir))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = _read(output, "metrics.json")
-    assert metrics["cache"]["reused"] == 80 and metrics["cache"]["computed"] == 0
+    assert metrics["cache"]["reused"] == 81 and metrics["cache"]["computed"] == 1  # only the edited file
+    assert metrics["data"]["skipped"] == 2  # unreadable files are remembered too, not retried
     assert metrics["backbone_fingerprint"] == _read(two_worker_run[1], "metrics.json")["backbone_fingerprint"]
     assert metrics["epochs_run"] == 1
     for name in ARTIFACTS:
@@ -211,7 +236,7 @@ def test_second_run_from_the_command_line_reuses_the_feature_cache(two_worker_ru
 
 
 @pytest.mark.slow
-def test_end_to_end_with_augmentation_on_a_saved_weights_file(ray_cluster, sample_images, tmp_path, two_worker_run):
+def test_end_to_end_with_augmentation_on_a_saved_weights_file(ray_cluster, training_data, tmp_path, two_worker_run):
     import keras
 
     from catdog.model import ResNet50Preprocess, load_model
@@ -222,12 +247,13 @@ def test_end_to_end_with_augmentation_on_a_saved_weights_file(ray_cluster, sampl
     weights_file = tmp_path / "backbone.weights.h5"
     backbone.save_weights(weights_file)
     output = tmp_path / "e2e"
-    train(TrainConfig(data=str(sample_images), output=str(output), weights=str(weights_file), image_size=32, epochs=2,
+    train(TrainConfig(data=str(training_data), output=str(output), weights=str(weights_file), image_size=32, epochs=2,
                       num_workers=2, mode="end-to-end", augment=True, seed=5))
 
     metrics = _read(output, "metrics.json")
     assert metrics["workers"]["weights_in_sync"] is True and metrics["epochs_run"] == 2
     assert metrics["cache"] is None
+    assert metrics["data"]["skipped"] == 2  # decoded per run in this mode, still skipped and listed
     assert metrics["backbone_fingerprint"] != _read(two_worker_run[1], "metrics.json")["backbone_fingerprint"]
     assert _read(output, "config.json")["weights"] == str(weights_file)
     extractor = load_model(str(output)).get_layer("feature_extractor")
