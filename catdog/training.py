@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import catdog
 from catdog import storage, train_artifacts
 from catdog.dataset import LabelledImages, list_labelled_images, split_train_val
-from catdog.errors import InputError, OutputExistsError
+from catdog.errors import InputError, ModelLoadError, OutputExistsError
 from catdog.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -193,6 +193,19 @@ def _drop_worker_log_noise() -> None:
         dispatcher.add_handler(name, filtered)
 
 
+def _build_extractor(catdog_model, spec, weights: str | None):
+    try:
+        return catdog_model.build_feature_extractor(spec, weights, BACKBONE_SEED)
+    except Exception as exc:
+        if weights != "imagenet" or isinstance(exc, ModelLoadError):
+            raise
+        # Keras raises a bare Exception when the download fails (no internet on this machine)
+        raise ModelLoadError(
+            f"could not download the ImageNet weights ({exc}); without internet pass --weights PATH "
+            "(a ResNet50 notop .weights.h5 file, local or URI) or --weights none"
+        ) from exc
+
+
 def _final_model(extractor, spec, checkpoint, temperature: float):
     """Extractor + best head (from the latest checkpoint) with the fitted temperature."""
     from catdog import model as catdog_model
@@ -220,17 +233,19 @@ def train(config: TrainConfig) -> TrainResult:
 
     from catdog.runtime import configure_tensorflow, init_ray
 
-    init_ray()
-    _drop_worker_log_noise()
     configure_tensorflow(config.use_gpu)
     from catdog import calibration
     from catdog import model as catdog_model
-    from catdog.worker_log import summarise_worker_reports
 
     spec = catdog_model.ModelSpec(num_classes=len(train_images.class_names), image_size=config.image_size,
                                   head=config.head, hidden_units=config.hidden_units, dropout=config.dropout)
-    extractor = catdog_model.build_feature_extractor(spec, config.weights_arg, BACKBONE_SEED)
+    # Before Ray starts, so an unloadable weights file (or no internet for imagenet) fails fast.
+    extractor = _build_extractor(catdog_model, spec, config.weights_arg)
     fingerprint = catdog_model.weights_fingerprint(extractor)
+    init_ray()
+    _drop_worker_log_noise()
+    from catdog.worker_log import read_worker_reports, summarise_worker_reports
+
     step = time.perf_counter()
     cache = None
     if config.mode == "cached":
@@ -274,10 +289,12 @@ def train(config: TrainConfig) -> TrainResult:
             "classes": train_images.class_names,
             "train_listed": train_images.class_counts(), "val_listed": val_images.class_counts(),
             "train_images": n_train, "val_images": n_val,
+            # Ray Data splits the training set into equal shards, dropping the remainder each epoch
+            "train_images_per_epoch": n_train // config.num_workers * config.num_workers,
             "skipped": len(skipped), "skipped_files": skipped,
         },
         "cache": cache,
-        "workers": summarise_worker_reports(storage.read_json(worker_log), config.num_workers),
+        "workers": summarise_worker_reports(read_worker_reports(worker_log), config.num_workers),
         "backbone_fingerprint": fingerprint,
     }
     run_config = {

@@ -43,6 +43,11 @@ class WorkerReportLog(UserCallback):
         self._write()
 
 
+def read_worker_reports(location: str) -> list[dict]:
+    """The events written by WorkerReportLog, or none if it never wrote (no report at all)."""
+    return storage.read_json(location) if storage.exists(location) else []
+
+
 def summarise_worker_reports(events: list[dict], num_workers: int) -> dict:
     """Per-epoch fingerprints by rank (the last report of an epoch wins), sync check, failures, resumes."""
     by_epoch: dict[int, list[str]] = {}

@@ -73,8 +73,11 @@ def test_bad_arguments_exit_2_before_ray_starts(tmp_path, sample_images):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "model.keras").write_text("an earlier run")
+    garbage = tmp_path / "garbage.weights.h5"
+    garbage.write_bytes(b"not an HDF5 file")
     out = str(tmp_path / "out")
     cases = {
+        "could not load backbone weights": ["--data", str(sample_images), "--output", out, "--weights", str(garbage)],
         "data folder not found": ["--data", str(tmp_path / "missing"), "--output", out],
         "at least 2 classes": ["--data", str(one_class), "--output", out],
         "--val-fraction": ["--data", str(sample_images), "--output", out, "--val-fraction", "1.5"],
