@@ -11,7 +11,6 @@ Ray or TensorFlow start, so those mistakes fail in about a second with exit code
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -153,46 +152,6 @@ def _fit(config: TrainConfig, loop_config: dict, datasets: dict, run_name: str):
     return trainer.fit(), storage.join(checkpoint_root, run_name, WORKER_LOG)
 
 
-# Lines forwarded from Ray workers that say nothing to a user: TensorFlow's C++ start-up lines in
-# each worker (written before any log level applies); Ray Train's per-report echo of every metric
-# (catdog's rank 0 logs one line per epoch instead) and Ray Data's per-epoch start/finish lines of
-# each worker's shard; and everything from Train V2's placement-group cleaner, which polls the state
-# API every second and warns (with tracebacks) each time on a local Ray without a dashboard.
-_WORKER_NOISE = re.compile(
-    r"^(I0000 00:00|E0000 00:00|W0000 00:00|WARNING: All log messages before absl)"
-    r"|has constructor arguments in the object store and max_restarts > 0"
-    r"|Reporting training result \d+: TrainingReport|Checkpoint successfully created at"
-    r"|Dataset (train|val)_\w+ execution finished|(Starting execution|Execution plan) of Dataset (train|val)_"
-    r"|A new progress UI is available"
-)
-_NOISY_ACTORS = ("PlacementGroupCleaner",)
-
-
-def _drop_worker_log_noise() -> None:
-    """Filter the known-noise lines out of the worker output Ray prints in this driver.
-
-    Uses Ray's internal stdout dispatcher; if its shape changes, the lines are simply printed.
-    """
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
-        return
-    for name, handler in list(dispatcher.handlers):
-        if name != "ray_print_logs" or getattr(handler, "catdog_filtered", False):
-            continue
-
-        def filtered(data, _inner=handler):
-            if data.get("actor_name") in _NOISY_ACTORS:
-                return
-            lines = [line for line in data.get("lines", []) if not _WORKER_NOISE.search(line)]
-            if lines:
-                _inner({**data, "lines": lines})
-
-        filtered.catdog_filtered = True
-        dispatcher.remove_handler(name)
-        dispatcher.add_handler(name, filtered)
-
-
 def _build_extractor(catdog_model, spec, weights: str | None):
     try:
         return catdog_model.build_feature_extractor(spec, weights, BACKBONE_SEED)
@@ -223,6 +182,7 @@ def train(config: TrainConfig) -> TrainResult:
     Raises:
         CatdogError: a bad setting, missing/empty data, or an output folder that already holds a run.
     """
+    # ---- checks that need neither Ray nor TensorFlow --------------------------------------------
     started = time.perf_counter()
     config.validate()
     _prepare_output(config.output, config.overwrite)
@@ -231,6 +191,7 @@ def train(config: TrainConfig) -> TrainResult:
     timings = {"listing_s": time.perf_counter() - started}
     logger.info("Run %s: %d train / %d validation images -> %s", run_id, len(train_images), len(val_images), config.output)
 
+    # ---- backbone, then Ray and the training data ------------------------------------------------
     from catdog.runtime import configure_tensorflow, init_ray
 
     configure_tensorflow(config.use_gpu)
@@ -243,8 +204,9 @@ def train(config: TrainConfig) -> TrainResult:
     extractor = _build_extractor(catdog_model, spec, config.weights_arg)
     fingerprint = catdog_model.weights_fingerprint(extractor)
     init_ray()
-    _drop_worker_log_noise()
-    from catdog.worker_log import read_worker_reports, summarise_worker_reports
+    from catdog.worker_log import drop_worker_log_noise, read_worker_reports, summarise_worker_reports
+
+    drop_worker_log_noise()
 
     step = time.perf_counter()
     cache = None
@@ -258,16 +220,18 @@ def train(config: TrainConfig) -> TrainResult:
     if n_train < config.num_workers or n_val == 0:
         raise InputError(f"too few readable images: {n_train} train (need >= {config.num_workers} workers), {n_val} validation")
 
+    # ---- data-parallel fit ------------------------------------------------------------------------
     loop_config = {
         "model_spec": spec.to_dict(), "mode": config.mode, "weights": config.weights_arg, "seed": config.seed,
-        "backbone_seed": BACKBONE_SEED, "backbone_fingerprint": fingerprint, "epochs": config.epochs, "learning_rate": config.learning_rate,
-        "patience": config.patience, "augment": config.augment, "use_gpu": config.use_gpu,
+        "backbone_seed": BACKBONE_SEED, "backbone_fingerprint": fingerprint, "epochs": config.epochs,
+        "learning_rate": config.learning_rate, "patience": config.patience, "augment": config.augment, "use_gpu": config.use_gpu,
         "per_worker_batch_size": config.per_worker_batch_size,
     }
     step = time.perf_counter()
     result, worker_log = _fit(config, loop_config, datasets, f"train-{run_id}")
     timings["training_s"] = time.perf_counter() - step
 
+    # ---- temperature, final model, run files ------------------------------------------------------
     step = time.perf_counter()
     returned = result.return_value
     logits, labels, state = returned["val_logits"], returned["val_labels"], returned["state"]
@@ -276,6 +240,7 @@ def train(config: TrainConfig) -> TrainResult:
     catdog_model.save_model(model, catdog_model.model_file(config.output))
     history = state["history"]
     best = next(row for row in history if row["epoch"] == state["best_epoch"])
+    class_names = train_images.class_names
     metrics = {
         "run_id": run_id,
         "catdog_version": catdog.__version__,
@@ -283,10 +248,10 @@ def train(config: TrainConfig) -> TrainResult:
         "best": best,
         "epochs_run": len(history),
         "stopped_early": state["stopped_early"],
-        "validation": train_artifacts.classification_report(labels, np.argmax(logits, axis=1), train_images.class_names),
+        "validation": train_artifacts.classification_report(labels, np.argmax(logits, axis=1), class_names),
         "calibration": calibration.calibration_summary(logits, labels, temperature),
         "data": {
-            "classes": train_images.class_names,
+            "classes": class_names,
             "train_listed": train_images.class_counts(), "val_listed": val_images.class_counts(),
             "train_images": n_train, "val_images": n_val,
             # Ray Data splits the training set into equal shards, dropping the remainder each epoch
@@ -299,7 +264,7 @@ def train(config: TrainConfig) -> TrainResult:
     }
     run_config = {
         **config.to_dict(), "run_id": run_id, "model_spec": replace(spec, temperature=temperature).to_dict(),
-        "weights": config.weights, "backbone_fingerprint": fingerprint, "class_names": train_images.class_names,
+        "weights": config.weights, "backbone_fingerprint": fingerprint, "class_names": class_names,
         "checkpoints": storage.join(config.output, CHECKPOINTS_DIR, f"train-{run_id}"),
     }
     timings["finalize_s"] = time.perf_counter() - step

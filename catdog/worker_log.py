@@ -1,4 +1,5 @@
-"""A record of what every training worker reported, and of worker failures.
+"""What training workers say: a record of every worker's reports and failures, and a filter for
+the worker output a user does not need.
 
 `ray.train.report` attaches only rank 0's metrics to a checkpoint; this Ray Train callback runs in
 the Train controller, sees every worker's metrics after each report, and rewrites one JSON file
@@ -8,6 +9,7 @@ each worker (identical when data parallelism kept the replicas in sync), failure
 
 from __future__ import annotations
 
+import re
 import time
 
 from ray.train import UserCallback
@@ -70,3 +72,43 @@ def summarise_worker_reports(events: list[dict], num_workers: int) -> dict:
         "failures": [e for e in events if e["event"] == "failure"],
         "resumed_from_epochs": sorted(resumed_from),
     }
+
+
+# Lines forwarded from Ray workers that say nothing to a user: TensorFlow's C++ start-up lines in
+# each worker (written before any log level applies); Ray Train's per-report echo of every metric
+# (catdog's rank 0 logs one line per epoch instead) and Ray Data's per-epoch start/finish lines of
+# each worker's shard; and everything from Train V2's placement-group cleaner, which polls the state
+# API every second and warns (with tracebacks) each time on a local Ray without a dashboard.
+_WORKER_NOISE = re.compile(
+    r"^(I0000 00:00|E0000 00:00|W0000 00:00|WARNING: All log messages before absl)"
+    r"|has constructor arguments in the object store and max_restarts > 0"
+    r"|Reporting training result \d+: TrainingReport|Checkpoint successfully created at"
+    r"|Dataset (train|val)_\w+ execution finished|(Starting execution|Execution plan) of Dataset (train|val)_"
+    r"|A new progress UI is available"
+)
+_NOISY_ACTORS = ("PlacementGroupCleaner",)
+
+
+def drop_worker_log_noise() -> None:
+    """Filter the known-noise lines out of the worker output Ray prints in this driver.
+
+    Uses Ray's internal stdout dispatcher; if its shape changes, the lines are simply printed.
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for name, handler in list(dispatcher.handlers):
+        if name != "ray_print_logs" or getattr(handler, "catdog_filtered", False):
+            continue
+
+        def filtered(data, _inner=handler):
+            if data.get("actor_name") in _NOISY_ACTORS:
+                return
+            lines = [line for line in data.get("lines", []) if not _WORKER_NOISE.search(line)]
+            if lines:
+                _inner({**data, "lines": lines})
+
+        filtered.catdog_filtered = True
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
