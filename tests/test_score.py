@@ -391,6 +391,8 @@ def test_predict_job_prints_the_in_process_prediction(tiny_model_run, real_photo
     lines = job.stdout.strip().splitlines()
     assert lines[-3] == f"This image is {probs[best]:.2%} {CLASSES[best]}."
     assert lines[-2:] == [f"  cats: {probs[0]:.4f}", f"  dogs: {probs[1]:.4f}"]
-    bad = subprocess.run([sys.executable, "-m", "jobs.predict", str(ROOT / "pyproject.toml"), "--model",
-                          str(tiny_model_run)], cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert bad.returncode == 2 and "not_an_image" in bad.stderr
+    from catdog.errors import InputError
+    from catdog.predictor import predict_image
+
+    with pytest.raises(InputError, match="not_an_image"):  # jobs map InputError to exit 2
+        predict_image(str(tiny_model_run), str(ROOT / "pyproject.toml"))

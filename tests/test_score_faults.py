@@ -26,9 +26,10 @@ from hostile_corpus import write_huge_png
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICTOR_CLASS = "MapWorker(MapBatches(Predictor))"
-# With 250 photos per fault run, inference at 128 px outlasts detecting the first output file and
-# killing by seconds (~5 s of work on 2 idle cores), and stays small for the test budget.
+# With 160 photos per fault run, inference at 128 px outlasts detecting the first output file and
+# killing by seconds (~3 s of work on 2 idle cores), and stays small for the test budget.
 FAULT_IMAGE_SIZE = 128
+FAULT_IMAGES = 160
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,12 @@ def slow_model_run(tmp_path_factory) -> Path:
 def _rows_and_duplicates(out: Path) -> tuple[int, int]:
     paths = output.read_predictions(str(out), columns=["path"])["path"]
     return len(paths), len(paths) - len(pc.unique(paths))
+
+
+def _photo_manifest(real_photos: Path, folder: str, path: Path) -> tuple[Path, int]:
+    photos = sorted(str(p) for p in (real_photos / folder).glob("*.jpg"))[:FAULT_IMAGES]
+    pq.write_table(pa.table({"path": photos}), path)
+    return path, len(photos)
 
 
 def _readable_rows(out: Path) -> int:
@@ -83,9 +90,9 @@ def test_killed_predictor_actor_is_restarted_and_no_row_is_lost_or_doubled(ray_c
     from catdog.scoring import score
 
     out = tmp_path / "preds"
-    config = ScoreConfig(model=str(slow_model_run), input=str(real_photos / "dogs"), output=str(out),
+    manifest, expected = _photo_manifest(real_photos, "dogs", tmp_path / "dogs.parquet")
+    config = ScoreConfig(model=str(slow_model_run), input=str(manifest), output=str(out),
                          batch_size=8, rows_per_file=8)
-    expected = sum(1 for _ in (real_photos / "dogs").glob("*.jpg"))
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(summary=score(config)), daemon=True)
     worker.start()
@@ -110,9 +117,9 @@ def test_killed_predictor_actor_is_restarted_and_no_row_is_lost_or_doubled(ray_c
 @pytest.mark.slow
 def test_sigkilled_driver_then_resume_ends_with_exact_rows(slow_model_run, real_photos, tmp_path):
     out = tmp_path / "preds"
+    manifest, expected = _photo_manifest(real_photos, "cats", tmp_path / "cats.parquet")
     command = [sys.executable, "-m", "jobs.score", "--model", str(slow_model_run), "--input",
-               str(real_photos / "cats"), "--output", str(out), "--batch-size", "8", "--rows-per-file", "8"]
-    expected = sum(1 for _ in (real_photos / "cats").glob("*.jpg"))
+               str(manifest), "--output", str(out), "--batch-size", "8", "--rows-per-file", "8"]
     first = subprocess.Popen(command, cwd=ROOT, env=_clean_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -144,6 +151,77 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+FILLER = """
+import sys
+import numpy as np
+import ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+from ray._private.internal_api import memory_summary
+refs = [ray.put(np.ones(10 * 2**20, dtype=np.uint8)) for _ in range(7)]  # 70 MiB held, under the spill threshold
+print("ready", flush=True)
+for _ in sys.stdin:  # one object store summary per line asked, each ended by "end"
+    print(memory_summary(address=sys.argv[1], stats_only=True), flush=True)
+    print("end", flush=True)
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_full_object_store_spills_and_scoring_completes(slow_model_run, real_photos, tmp_path):
+    """A 100 MB object store, 70 MiB of it held by another driver, then a scoring job on top: Ray
+    spills to disk and the job completes exactly (no crash, no lost rows)."""
+    port = _free_port()
+    env = {**_clean_env(), "RAY_AUTH_MODE": "token"}  # clients of a `ray start` head send the token
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--object-store-memory=100000000", "--include-dashboard=false",
+                             "--node-ip-address=127.0.0.1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    filler = None
+    try:
+        address = f"127.0.0.1:{port}"
+        filler = _wait_for(lambda: _start_filler(address, env), 120, "the head to accept drivers", interval=2)
+        time.sleep(2)
+        before = _spilled(filler)
+        manifest, expected = _photo_manifest(real_photos, "dogs", tmp_path / "dogs.parquet")
+        out = tmp_path / "preds"
+        job = subprocess.run([sys.executable, "-m", "jobs.score", "--model", str(slow_model_run), "--input",
+                              str(manifest), "--output", str(out), "--ray-address", address, "--batch-size", "64"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stderr[-3000:]
+        after = _spilled(filler)
+    finally:
+        if filler is not None and filler.poll() is None:
+            filler.kill()
+        _kill_group(head.pid)
+    assert _rows_and_duplicates(out) == (expected, 0)
+    assert before == 0 and after >= 10, (before, after)  # the job's data pushed the filler's objects to disk
+
+
+def _spilled(filler) -> int:
+    """MiB spilled so far, from Ray's object store summary ("Spilled 70 MiB, 7 objects, ...")."""
+    filler.stdin.write("stats\n")
+    filler.stdin.flush()
+    lines = list(iter(filler.stdout.readline, "end\n"))
+    spilled = [line for line in lines if line.startswith("Spilled")]
+    return int(spilled[0].split()[1]) if spilled else 0
+
+
+def _start_filler(address: str, env: dict):
+    filler = subprocess.Popen([sys.executable, "-c", FILLER, address], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if filler.stdout.readline().strip() == "ready":
+        return filler
+    filler.wait()
+    return None
 
 
 @pytest.mark.slow
