@@ -254,6 +254,28 @@ def account(output: str, listed_paths: pa.Array) -> dict:
     }
 
 
+def drop_superseded_files(output: str, run_id: str) -> list[str]:
+    """Delete part files of earlier runs whose every path this run scored again; return them.
+
+    A killed run's worker can finish a write ~2 s after the kill, after a quick `--resume` scanned
+    the folder; the resumed run then scores those files again. The late file is the redundant copy.
+    """
+    fs, _ = storage.resolve(output)
+    files = list_part_files(output)
+    ours = [f for f in files if posixpath.basename(f).startswith(f"{PART_PREFIX}{run_id}-")]
+    if not ours:
+        return []
+    rescored = pads.dataset(ours, filesystem=fs, format="parquet").to_table(columns=["path"])["path"]
+    dropped = []
+    for path in sorted(set(files) - set(ours)):
+        paths = pq.read_table(path, columns=["path"], filesystem=fs)["path"]
+        if len(paths) and pc.all(pc.is_in(paths, value_set=rescored.combine_chunks())).as_py():
+            fs.delete_file(path)
+            dropped.append(path)
+            logger.warning("Deleted %s: a late write of an interrupted run, every row scored again", path)
+    return dropped
+
+
 def write_success(output: str, summary: dict) -> None:
     """Write _SUCCESS.json last, through a temporary name so it is never seen half-written."""
     fs, root = storage.resolve(output)

@@ -186,7 +186,13 @@ def score_listing(config: ScoreConfig, listing: inputs.InputListing, started: fl
         except ModelLoadError:
             output.discard_if_empty(config.output, state.created)  # no trace of a run that wrote no row
             raise
-    counts = output.account(config.output, listing.table["path"].combine_chunks())
+    listed = listing.table["path"].combine_chunks()
+    try:
+        counts = output.account(config.output, listed)
+    except output.AccountingError:
+        if not output.drop_superseded_files(config.output, run_id):
+            raise
+        counts = output.account(config.output, listed)
     wall = time.monotonic() - started
     summary = {
         **run_info,

@@ -87,11 +87,11 @@ def test_jobs_parse_their_arguments(capsys):
     assert text.splitlines() == ["This image is 87.50% dogs.", "  cats: 0.1250", "  dogs: 0.8750"]
 
 
-def _part_name(task: int = 0) -> str:
-    return output.PartFilenameProvider("0123456789ab").get_filename_for_task("f" * 32, task).replace(".parquet", "-0.parquet")
+def _part_name(task: int = 0, run_id: str = "0123456789ab") -> str:
+    return output.PartFilenameProvider(run_id).get_filename_for_task("f" * 32, task).replace(".parquet", "-0.parquet")
 
 
-def _write_part(folder: Path, paths: list[str], task: int = 0) -> Path:
+def _write_part(folder: Path, paths: list[str], task: int = 0, run_id: str = "0123456789ab") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     n = len(paths)
     table = pa.table({
@@ -101,7 +101,7 @@ def _write_part(folder: Path, paths: list[str], task: int = 0) -> Path:
         "height": pa.array([1] * n, pa.int32()), "model_id": ["m"] * n,
         "scored_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
     }, schema=predictions_schema(CLASSES))
-    path = folder / _part_name(task)
+    path = folder / _part_name(task, run_id)
     pq.write_table(table, path)
     return path
 
@@ -234,6 +234,19 @@ def test_unusable_run_folders_are_model_load_errors(tmp_path, tiny_model_run, ca
         (run / "classes.json").write_text('["only-one"]' if case == "bad_classes" else json.dumps(CLASSES))
     with pytest.raises(ModelLoadError, match=str(run)):
         describe_model(str(run))
+
+
+def test_a_late_write_of_a_killed_run_is_dropped_when_the_resumed_run_rescored_it(tmp_path):
+    out = tmp_path / "out"
+    kept = _write_part(out, ["/a.jpg"], 0, run_id="aaaaaaaaaaaa")  # scanned by the resume: not rescored
+    late = _write_part(out, ["/b.jpg", "/c.jpg"], 1, run_id="aaaaaaaaaaaa")  # appeared after the scan
+    _write_part(out, ["/b.jpg", "/c.jpg", "/d.jpg"], 0, run_id="bbbbbbbbbbbb")  # the resumed run
+    listed = pa.array(["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"])
+    with pytest.raises(output.AccountingError, match="2 duplicates"):
+        output.account(str(out), listed)
+    assert output.drop_superseded_files(str(out), "bbbbbbbbbbbb") == [str(late)]
+    assert kept.exists() and output.account(str(out), listed)["rows_written"] == 4
+    assert output.drop_superseded_files(str(out), "cccccccccccc") == []  # a run that wrote nothing drops nothing
 
 
 # ---- slow: the pipeline on the session's Ray cluster ----
