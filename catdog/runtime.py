@@ -156,7 +156,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     kwargs.update(include_dashboard=False, num_cpus=num_cpus)
     with _loopback_only():
-        ray.init(_node_ip_address=LOOPBACK, **kwargs)
+        # address="local": without it ray.init joins the last `ray start` cluster recorded in
+        # /tmp/ray/ray_current_cluster (and hangs when that one is gone or unreachable).
+        ray.init(address="local", _node_ip_address=LOOPBACK, **kwargs)
     logger.info("Started local Ray on %s: %s", LOOPBACK, ray.cluster_resources())
     from ray.data import DataContext
 
