@@ -7,7 +7,8 @@
    `model.fit` for all epochs, no preprocess_input. The backbone runs on every image every epoch.
 2. catdog: `python -m jobs.train --mode cached` with its default head, on exactly the tutorial's
    train/validation files (symlinked into two folders, passed as --data and --val-data), with a
-   cold feature cache (then once more with the warm cache, reported separately).
+   cold feature cache (then once more with the warm cache, reported separately). catdog runs
+   first, so a failure there costs no tutorial run.
 
 Each side runs as its own subprocess and is timed from process start to exit, imports and Ray
 start-up included. Writes benchmarks/results/train_bench.json. Timings on a shared machine vary;
@@ -30,17 +31,28 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "catdog-dev"
 RESULTS = REPO / "benchmarks" / "results" / "train_bench.json"
 
 
-def tutorial(data: str, epochs: int, image_size: int, split_file: str) -> None:
-    """The tutorial's training, run in a child process; prints one JSON line of results."""
-    started = time.perf_counter()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _tutorial_datasets(data: str, image_size: int):
     import keras
 
     common = dict(validation_split=0.2, seed=123, image_size=(image_size, image_size), batch_size=32)
     train_ds = keras.utils.image_dataset_from_directory(data, subset="training", **common)
     val_ds = keras.utils.image_dataset_from_directory(data, subset="validation", **common)
-    Path(split_file).write_text(json.dumps({"train": train_ds.file_paths, "val": val_ds.file_paths,
-                                            "class_names": train_ds.class_names}))
+    return train_ds, val_ds
+
+
+def write_split(data: str, image_size: int, split_file: str) -> None:
+    """Child process: the tutorial's train/validation file lists, written as JSON."""
+    train_ds, val_ds = _tutorial_datasets(data, image_size)
+    Path(split_file).write_text(json.dumps({"train": train_ds.file_paths, "val": val_ds.file_paths}))
+
+
+def tutorial(data: str, epochs: int, image_size: int) -> None:
+    """The tutorial's training, run in a child process; prints one JSON line of results."""
+    started = time.perf_counter()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    train_ds, val_ds = _tutorial_datasets(data, image_size)
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
     backbone.trainable = False
     model = keras.Sequential([
@@ -102,22 +114,27 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=180)
-    parser.add_argument("--tutorial", action="store_true", help=argparse.SUPPRESS)  # child process mode
+    parser.add_argument("--tutorial", action="store_true", help=argparse.SUPPRESS)  # child process modes
     parser.add_argument("--split-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tutorial:
-        tutorial(args.data, args.epochs, args.image_size, args.split_file)
+        tutorial(args.data, args.epochs, args.image_size)
+        return
+    if args.split_file:
+        write_split(args.data, args.image_size, args.split_file)
         return
 
     with tempfile.TemporaryDirectory(prefix="catdog-train-bench-") as tmp:
         tmp = Path(tmp)
         split_file = tmp / "split.json"
-        wall, done = _timed([sys.executable, __file__, "--tutorial", "--data", args.data, "--epochs", str(args.epochs),
-                             "--image-size", str(args.image_size), "--split-file", str(split_file)])
-        tut = {"wall_s": wall, **json.loads(done.stdout.strip().splitlines()[-1])}
+        _timed([sys.executable, __file__, "--data", args.data, "--image-size", str(args.image_size),
+                "--split-file", str(split_file)])
         train_dir, val_dir = _link_split(json.loads(split_file.read_text()), tmp / "split")
         cold = _catdog(train_dir, val_dir, tmp / "run-cold", tmp / "cache", args.epochs, args.image_size)
         warm = _catdog(train_dir, val_dir, tmp / "run-warm", tmp / "cache", args.epochs, args.image_size)
+        wall, done = _timed([sys.executable, __file__, "--tutorial", "--data", args.data, "--epochs", str(args.epochs),
+                             "--image-size", str(args.image_size)])
+        tut = {"wall_s": wall, **json.loads(done.stdout.strip().splitlines()[-1])}
 
     result = {
         "data": args.data, "epochs": args.epochs, "image_size": args.image_size, "weights": "none",
