@@ -223,24 +223,26 @@ def main(argv: list[str] | None = None) -> None:
         run = args.model or str(workdir / "run")
         if not args.model:
             run_measured(worker("build", run=run, image_size=args.image_size))
+        folder = make_input(workdir / "input", args.n)
+        # Each ceiling right before the pipeline of the same precision: on a shared machine the
+        # load drifts, and the ratio compares runs made under similar load.
         for precision in PRECISIONS:
             name = f"ceiling_{precision}"
             if wanted is None or name in wanted:
                 measured = run_measured(worker("ceiling", run=run, precision=precision,
                                                images=args.ceiling_images, batch_size=args.batch_size))
-                results[name] = {**_last_json(measured.pop("stdout")), **measured}
+                results[name] = {**_last_json(measured.pop("stdout")), **measured, "load_average": os.getloadavg()[0]}
                 _report(name, results[name])
-        folder = make_input(workdir / "input", args.n)
-        if wanted is None or "tutorial" in wanted:
-            measured = run_measured(worker("tutorial", run=run, folder=str(folder), out=str(workdir / "t.parquet"),
-                                           batch_size=args.batch_size))
-            results["tutorial"] = {**_last_json(measured.pop("stdout")), **measured}
-            _report("tutorial", results["tutorial"])
-        for precision in PRECISIONS:
             name = f"score_{precision}"
             if wanted is None or name in wanted:
                 results[name] = bench_score(run, folder, workdir / f"out-{precision}", precision, args.batch_size)
+                results[name]["load_average"] = os.getloadavg()[0]
                 _report(name, results[name])
+        if wanted is None or "tutorial" in wanted:
+            measured = run_measured(worker("tutorial", run=run, folder=str(folder), out=str(workdir / "t.parquet"),
+                                           batch_size=args.batch_size))
+            results["tutorial"] = {**_last_json(measured.pop("stdout")), **measured, "load_average": os.getloadavg()[0]}
+            _report("tutorial", results["tutorial"])
         if args.rss_sizes:
             results["rss"] = _rss_growth(run, workdir, [int(s) for s in args.rss_sizes.split(",")], args.batch_size)
         results["ratios"] = _ratios(results)
