@@ -3,12 +3,16 @@
 The test owns its head: `ray start --head --block` in the background, bound to 127.0.0.1, free
 non-default ports (other sessions' clusters run on this machine too), session files in a private
 temp folder, a token it generates. It submits the training job, then the scoring job, with the
-working_dir = this repository, exactly as the README shows, and stops the head by terminating the
-one process it started.
+working_dir = this repository, as the README's cluster section shows: data, the backbone weights
+file, the feature cache, the run folder and the predictions are s3:// URIs on a local
+S3-compatible server (moto, 127.0.0.1). The endpoint reaches the job's driver and every worker
+through the job's runtime_env env_vars; credentials come from the head's environment (on AWS: the
+instance profile). The head is stopped through the one process the test started.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -23,10 +27,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pyarrow.dataset as pads
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from netinfo import listeners, process_tree
+from s3local import BUCKET, LocalS3, weights_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -58,7 +64,7 @@ def _free_ports(count: int) -> list[int]:
 class LocalHead:
     """A Ray head started by this test, and the only thing this test stops."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, extra_env: dict[str, str]):
         self.root = root
         self.token = secrets.token_hex(32)
         token_file = root / "auth_token"
@@ -76,6 +82,7 @@ class LocalHead:
             RAY_AUTH_TOKEN_PATH=str(token_file),
             RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep 127.0.0.1 (see catdog.runtime)
             RAY_USAGE_STATS_ENABLED="0",
+            **extra_env,
         )
         command = [
             str(VENV_BIN / "ray"), "start", "--head", "--block",
@@ -165,9 +172,17 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def s3():
+    pytest.importorskip("moto.server")
+    server = LocalS3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3):
     root = Path(tempfile.mkdtemp(prefix="cdjob-", dir="/tmp"))  # AF_UNIX paths must stay short
-    head = LocalHead(root)
+    head = LocalHead(root, extra_env=s3.credentials)
     try:
         head.wait_until_ready()
         yield head
@@ -196,15 +211,10 @@ def test_head_requires_the_token_and_listens_on_loopback_only(ray_head):
     assert exposed == [], f"the test head listens beyond loopback: {exposed}"
 
 
-# The README's laptop runtime_env, plus variables that overlap catdog's own quiet defaults (a job's
-# env_vars must win instead of Ray refusing to merge them) and one the job can be seen to receive.
-RUNTIME_ENV = {"excludes": ["photos/", "runs/", "preds/"],
-               "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "CATDOG_SUBMITTED": "yes"}}
-
-
-def run_job(client, entrypoint: str) -> tuple[str, str, str]:
+def run_job(client, entrypoint: str, env_vars: dict[str, str]) -> tuple[str, str, str]:
     """Submit with working_dir = the repo; wait for a terminal state; return (status, message, logs)."""
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO), **RUNTIME_ENV})
+    runtime_env = {"working_dir": str(REPO), "excludes": ["photos/", "runs/", "preds/"], "env_vars": env_vars}
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     deadline = time.monotonic() + JOB_TIMEOUT_S
     info = client.get_job_info(job_id)
     while str(info.status.value) not in TERMINAL and time.monotonic() < deadline:
@@ -215,37 +225,45 @@ def run_job(client, entrypoint: str) -> tuple[str, str, str]:
     return str(info.status.value), info.message or "", client.get_job_logs(job_id)
 
 
-def test_train_then_score_jobs_succeed_and_write_parquet(ray_head, client):
+def test_train_then_score_jobs_on_s3_succeed_and_write_parquet(ray_head, client, s3, tmp_path):
     from catdog.sample_data import generate_sample_dataset
 
-    data = generate_sample_dataset(ray_head.root / "photos", images_per_class=8, size=(48, 40))
-    run, preds = ray_head.root / "runs" / "r1", ray_head.root / "preds" / "p1"
+    data = generate_sample_dataset(tmp_path / "photos", images_per_class=8, size=(48, 40))
+    image_keys = s3.upload_folder(data, "images")
+    s3.client.upload_file(str(weights_file(tmp_path)), BUCKET, "weights/resnet50_notop.weights.h5")
+    # The endpoint settings as a user passes them (--runtime-env-json), plus a variable that
+    # overlaps catdog's own quiet defaults: the job's value must win, not a merge conflict.
+    env_vars = {**s3.settings, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
     status, message, logs = run_job(client, (
-        f"python -m jobs.train --data {data} --output {run} --weights none --image-size 32 --epochs 2 "
-        f"--num-workers 1 --cache-dir {ray_head.root / 'cache'}"
-    ))
+        f"python -m jobs.train --data {s3.uri('images')} --output {s3.uri('runs/r1')} "
+        f"--weights {s3.uri('weights/resnet50_notop.weights.h5')} --cache-dir {s3.uri('cache')} "
+        "--image-size 32 --epochs 2 --num-workers 1"
+    ), env_vars)
     assert status == "SUCCEEDED", f"{message}\n{logs[-6000:]}"
-    assert (run / "model.keras").is_file()
+    assert {"runs/r1/model.keras", "runs/r1/classes.json"} <= set(s3.keys("runs/r1/"))
+    assert json.loads(s3.read("runs/r1/classes.json")) == ["cats", "dogs"]
+    assert s3.keys("cache/"), "the feature cache went to the bucket"
 
     status, message, logs = run_job(client, (
-        "python -c \"import os; assert os.environ['CATDOG_SUBMITTED'] == 'yes'\" && "
-        f"python -m jobs.score --model {run} --input {data} --output {preds}"
-    ))
+        f"python -m jobs.score --model {s3.uri('runs/r1')} --input {s3.uri('images')} --output {s3.uri('preds/p1')}"
+    ), env_vars)
     assert status == "SUCCEEDED", f"{message}\n{logs[-6000:]}"
-    table = pads.dataset(str(preds), format="parquet").to_table()
-    images = sorted(str(p) for p in data.rglob("*") if p.is_file())
-    assert sorted(table.column("path").to_pylist()) == images  # one row per file, no duplicates
+    parts = [key for key in s3.keys("preds/p1/") if key.endswith(".parquet")]
+    assert parts
+    table = pa.concat_tables([pq.read_table(io.BytesIO(s3.read(key))) for key in parts])
+    assert sorted(table.column("path").to_pylist()) == [s3.uri(key) for key in image_keys]  # rows == files
     assert table.column("error").null_count == table.num_rows
     assert set(table.column("label").to_pylist()) <= {"cats", "dogs"}
-    assert json.loads((preds / "_SUCCESS.json").read_text())["rows_written"] == len(images)
+    summary = json.loads(s3.read("preds/p1/_SUCCESS.json"))
+    assert summary["rows_written"] == summary["files_listed"] == len(image_keys)
 
 
 def test_a_user_mistake_fails_the_job_with_exit_code_2(ray_head, client):
     status, message, logs = run_job(client, (
         f"python -m jobs.score --model {ray_head.root / 'no-such-run'} --input {ray_head.root / 'nothing'} "
         f"--output {ray_head.root / 'never'}"
-    ))
+    ), {})
     assert status == "FAILED"
     assert "exit code 2" in message, message
     assert "error:" in logs

@@ -1,163 +1,105 @@
-"""Train and score against s3:// URIs on a local S3-compatible server (moto), no AWS (issue #4).
+"""catdog's URI handling against a local S3-compatible server (moto, on 127.0.0.1), no AWS.
 
-moto's server mode listens on 127.0.0.1 only. The jobs run as the user runs them, as processes with
-the standard AWS variables set (AWS_ENDPOINT_URL, credentials, region), each starting its own local
-Ray, which inherits them; data, the backbone weights file, the feature cache, the run folder and
-the predictions all live in the bucket. The test checks the bucket with boto3, an S3 client
-independent of catdog's pyarrow code.
+The training and scoring jobs themselves run against s3:// URIs in tests/test_job_submit.py,
+submitted to a real Ray head as on a cluster. Here: the storage and decoding functions those jobs
+use, in this process, checked with boto3 (an S3 client independent of catdog's pyarrow code), and
+a job's user mistake on S3 mapped to exit code 2.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+from s3local import BUCKET, LocalS3
 
 REPO = Path(__file__).resolve().parents[1]
-BUCKET = "catdog-test"
-JOB_TIMEOUT_S = 420
-IMAGES_PER_CLASS = 8
 
 
 @pytest.fixture(scope="module")
-def s3_env():
-    """A moto S3 server on a free loopback port; the environment a job needs to use it."""
-    moto_server = pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",  # never ask an instance-metadata service for credentials
-    }
-    try:
-        yield env
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def s3(s3_env):
-    import boto3
-
-    client = boto3.client(
-        "s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], region_name=s3_env["AWS_REGION"],
-        aws_access_key_id="testing", aws_secret_access_key="testing",
-    )
-    client.create_bucket(Bucket=BUCKET)
-    return client
-
-
-def _keys(s3, prefix: str) -> list[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
-
-
-def _upload_folder(s3, folder: Path, prefix: str) -> list[str]:
-    keys = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        key = f"{prefix}/{path.relative_to(folder).as_posix()}"
-        s3.upload_file(str(path), BUCKET, key)
-        keys.append(key)
-    return keys
-
-
-def _weights_file(folder: Path) -> Path:
-    """A ResNet50 no-top weights file, as a user prepares one for a cluster without internet
-    (README), with random weights here: no download."""
-    from catdog.runtime import configure_tensorflow
-
-    configure_tensorflow()
-    import keras
-
-    path = folder / "resnet50_notop.weights.h5"
-    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg").save_weights(path)
-    return path
+def s3():
+    pytest.importorskip("moto.server")
+    server = LocalS3()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-def job_env(s3_env):
-    ray_tmp = tempfile.mkdtemp(prefix="cds3-", dir="/tmp")  # Ray's socket paths must stay short
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(s3_env, RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO), CATDOG_TEST_CPUS="2")
-    yield env
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+def s3_env(s3, monkeypatch):
+    """This process talks to the local server through the standard AWS variables, as jobs do."""
+    from catdog import imaging
+
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    imaging._filesystem_for.cache_clear()  # filesystems read the variables when created
+    yield s3
+    imaging._filesystem_for.cache_clear()
 
 
-def run_job(module: str, args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-
-
-def _explain(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
-
-
-def test_train_and_score_with_s3_uris(s3, job_env, tmp_path):
+def test_storage_round_trip_on_s3(s3_env, tmp_path):
+    from catdog import storage
     from catdog.sample_data import generate_sample_dataset
 
-    data = generate_sample_dataset(tmp_path / "data", images_per_class=IMAGES_PER_CLASS, size=(48, 40))
-    image_keys = _upload_folder(s3, data, "images")
-    s3.upload_file(str(_weights_file(tmp_path)), BUCKET, "weights/resnet50_notop.weights.h5")
-    workdir = tmp_path / "cwd"  # the jobs run here; nothing may be written here
-    workdir.mkdir()
-    root = f"s3://{BUCKET}"
+    s3 = s3_env
+    data = generate_sample_dataset(tmp_path / "data", images_per_class=3, size=(40, 32))
+    keys = s3.upload_folder(data, "storage/images")
+    (tmp_path / "data" / "notes.txt").write_text("not an image")
+    s3.client.upload_file(str(tmp_path / "data" / "notes.txt"), BUCKET, "storage/images/notes.txt")
 
-    train = run_job("jobs.train", [
-        "--data", f"{root}/images", "--output", f"{root}/runs/r1",
-        "--weights", f"{root}/weights/resnet50_notop.weights.h5", "--cache-dir", f"{root}/cache",
-        "--image-size", "32", "--epochs", "2", "--num-workers", "1",
-    ], job_env, workdir)
-    assert train.returncode == 0, _explain(train)
-    run_keys = _keys(s3, "runs/r1/")
-    assert "runs/r1/model.keras" in run_keys and "runs/r1/classes.json" in run_keys, run_keys
-    assert json.loads(s3.get_object(Bucket=BUCKET, Key="runs/r1/classes.json")["Body"].read()) == ["cats", "dogs"]
-    assert _keys(s3, "cache/"), "the feature cache was written to the bucket"
+    root = s3.uri("storage/images")
+    assert storage.exists(root) and storage.is_dir(root) and not storage.exists(s3.uri("storage/nothing"))
+    listed = storage.list_files(root, storage.IMAGE_EXTENSIONS)
+    assert [entry.path for entry in listed] == [s3.uri(key) for key in keys]  # URIs keep their scheme
+    assert listed[0].size == (data / keys[0].split("images/", 1)[1]).stat().st_size
 
-    score = run_job("jobs.score", [
-        "--model", f"{root}/runs/r1", "--input", f"{root}/images", "--output", f"{root}/preds/p1",
-    ], job_env, workdir)
-    assert score.returncode == 0, _explain(score)
-    pred_keys = _keys(s3, "preds/p1/")
-    assert "preds/p1/_SUCCESS.json" in pred_keys
-    parts = [k for k in pred_keys if k.endswith(".parquet")]
-    assert parts
-    table = pa.concat_tables(
-        [pq.read_table(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read())) for k in parts]
-    )
-    paths = table.column("path").to_pylist()
-    assert sorted(paths) == sorted(f"{root}/{key}" for key in image_keys)  # rows == files, no duplicates
-    assert table.column("error").null_count == table.num_rows
-    assert set(table.column("label").to_pylist()) <= {"cats", "dogs"}
-    summary = json.loads(s3.get_object(Bucket=BUCKET, Key="preds/p1/_SUCCESS.json")["Body"].read())
-    assert summary["rows_written"] == summary["files_listed"] == len(image_keys)
-
-    assert list(workdir.iterdir()) == [], "a URI was treated as a local path somewhere"
+    storage.write_json(storage.join(s3.uri("storage/run"), "meta", "info.json"), {"classes": ["cats", "dogs"]})
+    assert storage.read_json(s3.uri("storage/run/meta/info.json")) == {"classes": ["cats", "dogs"]}
+    assert s3.keys("storage/run") == ["storage/run/meta/info.json"], "no folder-marker objects"
+    local = storage.copy_to_local(s3.uri("storage/run/meta/info.json"), tmp_path / "copy" / "info.json")
+    assert local.read_bytes() == s3.read("storage/run/meta/info.json")
+    storage.delete_file(s3.uri("storage/run/meta/info.json"))
+    assert "storage/run/meta/info.json" not in s3.keys("storage/run")  # pyarrow may keep a folder marker
+    with pytest.raises(FileNotFoundError):
+        storage.list_files(s3.uri("storage/nothing"))
 
 
-def test_missing_s3_input_is_a_user_error(s3, job_env, tmp_path):
-    proc = run_job("jobs.score", [
-        "--model", f"s3://{BUCKET}/runs/none", "--input", f"s3://{BUCKET}/no-such-prefix",
-        "--output", f"s3://{BUCKET}/preds/never",
-    ], job_env, tmp_path)
-    assert proc.returncode == 2, _explain(proc)
+def test_decoding_reads_s3_uris_and_records_missing_objects(s3_env, tmp_path):
+    from catdog import imaging
+    from catdog.sample_data import generate_sample_dataset
+
+    s3 = s3_env
+    data = generate_sample_dataset(tmp_path / "data", images_per_class=2, size=(40, 32))
+    keys = s3.upload_folder(data, "decode")
+    paths = [s3.uri(key) for key in keys] + [s3.uri("decode/cats/gone.jpg")]
+    decoded = imaging.read_and_decode(paths, image_size=32)
+    assert list(decoded["error"][:-1]) == [None] * len(keys)
+    assert decoded["image"][: len(keys)].reshape(len(keys), -1).max(axis=1).min() > 0
+    assert (decoded["width"][: len(keys)] == 40).all() and (decoded["height"][: len(keys)] == 32).all()
+    assert imaging.error_kind(decoded["error"][-1]) == "read_error"
+
+
+@pytest.mark.slow
+def test_a_job_with_a_missing_s3_input_exits_2_and_writes_nothing(s3, tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="cds3-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env.update(s3.env, RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.score", "--model", s3.uri("runs/none"), "--input", s3.uri("no-such-prefix"),
+             "--output", s3.uri("preds/never")],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 2, proc.stderr[-4000:]
     assert "error:" in proc.stderr
-    assert _keys(s3, "preds/never") == []
+    assert s3.keys("preds/") == []
+    assert list(tmp_path.iterdir()) == [], "a URI was treated as a local path"

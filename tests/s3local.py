@@ -1,0 +1,71 @@
+"""A local S3-compatible server for tests: moto's server mode on a free 127.0.0.1 port.
+
+Jobs reach it the way a user reaches MinIO or any S3-compatible store, through the standard AWS
+variables in `env`; the test checks the bucket with boto3, independent of catdog's pyarrow code.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+BUCKET = "catdog-test"
+
+
+class LocalS3:
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self._server.start()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        self.settings = {  # non-secret: what a job's --runtime-env-json may carry
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",  # never ask an instance-metadata service
+        }
+        self.env = {**self.credentials, **self.settings}
+        import boto3
+
+        self.client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                                   aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.client.create_bucket(Bucket=BUCKET)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{BUCKET}/{key}"
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def read(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+    def upload_folder(self, folder: Path, prefix: str) -> list[str]:
+        keys = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+            self.client.upload_file(str(path), BUCKET, key)
+            keys.append(key)
+        return keys
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+def weights_file(folder: Path) -> Path:
+    """A ResNet50 no-top weights file as the README has users prepare for clusters without
+    internet, with random weights here (no download)."""
+    from catdog.runtime import configure_tensorflow
+
+    configure_tensorflow()
+    import keras
+
+    path = folder / "resnet50_notop.weights.h5"
+    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg").save_weights(path)
+    return path
