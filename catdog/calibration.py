@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from catdog import metrics
+
 # Bounds for T: beyond them a validation set is too small or too separable for the fit to mean much
 # (a perfectly separated set drives T towards 0, i.e. probabilities of exactly 0 and 1).
 MIN_TEMPERATURE = 0.05
@@ -36,17 +38,7 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature:
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = DEFAULT_BINS) -> float:
     """ECE: the |accuracy - confidence| gap of equal-width confidence bins, weighted by bin size."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == np.asarray(labels)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(ece)
+    return metrics.reliability(np.asarray(labels), np.asarray(probabilities, dtype=np.float64), bins).ece
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, iterations: int = 60) -> float:
