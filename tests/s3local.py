@@ -7,12 +7,13 @@ variables in `env`; the test checks the bucket with boto3, independent of catdog
 from __future__ import annotations
 
 import socket
+import uuid
 from pathlib import Path
-
-BUCKET = "catdog-test"
 
 
 class LocalS3:
+    """One server and one fresh bucket (moto keeps its state per process, shared by all servers)."""
+
     def __init__(self):
         from moto.server import ThreadedMotoServer
 
@@ -34,23 +35,24 @@ class LocalS3:
 
         self.client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
                                    aws_access_key_id="testing", aws_secret_access_key="testing")
-        self.client.create_bucket(Bucket=BUCKET)
+        self.bucket = f"catdog-test-{uuid.uuid4().hex[:8]}"
+        self.client.create_bucket(Bucket=self.bucket)
 
     def uri(self, key: str) -> str:
-        return f"s3://{BUCKET}/{key}"
+        return f"s3://{self.bucket}/{key}"
 
     def keys(self, prefix: str) -> list[str]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
     def read(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
     def upload_folder(self, folder: Path, prefix: str) -> list[str]:
         keys = []
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             key = f"{prefix}/{path.relative_to(folder).as_posix()}"
-            self.client.upload_file(str(path), BUCKET, key)
+            self.client.upload_file(str(path), self.bucket, key)
             keys.append(key)
         return keys
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from netinfo import listeners, process_tree
-from s3local import BUCKET, LocalS3, weights_file
+from s3local import LocalS3, weights_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -230,7 +230,7 @@ def test_train_then_score_jobs_on_s3_succeed_and_write_parquet(ray_head, client,
 
     data = generate_sample_dataset(tmp_path / "photos", images_per_class=8, size=(48, 40))
     image_keys = s3.upload_folder(data, "images")
-    s3.client.upload_file(str(weights_file(tmp_path)), BUCKET, "weights/resnet50_notop.weights.h5")
+    s3.client.upload_file(str(weights_file(tmp_path)), s3.bucket, "weights/resnet50_notop.weights.h5")
     # The endpoint settings as a user passes them (--runtime-env-json), plus a variable that
     # overlaps catdog's own quiet defaults: the job's value must win, not a merge conflict.
     env_vars = {**s3.settings, "TF_CPP_MIN_LOG_LEVEL": "3"}

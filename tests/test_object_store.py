@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from s3local import BUCKET, LocalS3
+from s3local import LocalS3
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_storage_round_trip_on_s3(s3_env, tmp_path):
     data = generate_sample_dataset(tmp_path / "data", images_per_class=3, size=(40, 32))
     keys = s3.upload_folder(data, "storage/images")
     (tmp_path / "data" / "notes.txt").write_text("not an image")
-    s3.client.upload_file(str(tmp_path / "data" / "notes.txt"), BUCKET, "storage/images/notes.txt")
+    s3.client.upload_file(str(tmp_path / "data" / "notes.txt"), s3.bucket, "storage/images/notes.txt")
 
     root = s3.uri("storage/images")
     assert storage.exists(root) and storage.is_dir(root) and not storage.exists(s3.uri("storage/nothing"))
