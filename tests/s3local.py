@@ -69,5 +69,6 @@ def weights_file(folder: Path) -> Path:
     import keras
 
     path = folder / "resnet50_notop.weights.h5"
-    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg").save_weights(path)
+    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")
+    backbone.save_weights(path)
     return path

@@ -8,7 +8,6 @@ would leave (no cloud, no network).
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import json
 import os
@@ -191,7 +190,9 @@ def test_shipped_cluster_yaml_has_no_security_problems():
 def _open_dashboard(cfg):
     cfg["provider"]["security_group"] = {
         "GroupName": "x",
-        "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}],
+        "IpPermissions": [
+            {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}
+        ],
     }
 
 
