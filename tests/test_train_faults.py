@@ -20,8 +20,8 @@ import pytest
 
 from catdog.train_config import TrainConfig
 
-EPOCHS = 20  # many short epochs (~0.3 s each), so the kill lands mid-run with a wide margin
-KILL_AFTER_EPOCH = 3
+EPOCHS = 12  # short epochs (~0.3 s each): the kill lands mid-run with a margin of several seconds
+KILL_AFTER_EPOCH = 2
 
 
 def _alive_train_workers() -> dict[str, int]:
