@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from catdog import metrics, plots, storage
 from catdog.errors import CatdogError, InputError, OutputExistsError
 from catdog.report import open_predictions
-from catdog.predictor import classes_file, load_class_names
+from catdog.predictor import load_class_names
+from catdog.run_folder import classes_file
 from catdog.schema import error_kinds, prob_column
 
 logger = logging.getLogger(__name__)

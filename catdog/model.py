@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from catdog import storage
+from catdog.run_folder import MODEL_FILENAME, model_file, model_id  # noqa: F401 - re-exported
 from catdog.errors import ModelLoadError
 from catdog.runtime import configure_tensorflow
 
@@ -28,7 +29,6 @@ import numpy as np  # noqa: E402
 BACKBONE_FEATURES = 2048  # channels of ResNet50's last block
 HEADS = ("gap", "flatten")
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-MODEL_FILENAME = "model.keras"
 
 
 @keras.saving.register_keras_serializable(package="catdog")
@@ -134,16 +134,6 @@ def weights_fingerprint(model: keras.Model) -> str:
     for weight in model.weights:
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
     return digest.hexdigest()[:16]
-
-
-def model_file(location: str) -> str:
-    """The model file of a run folder, or the file itself when `location` names a .keras file."""
-    return location if location.endswith(".keras") else storage.join(location, MODEL_FILENAME)
-
-
-def model_id(location: str) -> str:
-    """A hash of the model artifact's bytes, written into every prediction row."""
-    return hashlib.sha256(storage.read_bytes(model_file(location))).hexdigest()[:16]
 
 
 def save_model(model: keras.Model, location: str) -> None:

@@ -14,7 +14,6 @@ batch of activations (ResNet50 at 180 px, batch 32 on CPU: ~0.5 GB).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -27,12 +26,11 @@ import pyarrow as pa
 
 from catdog import storage
 from catdog.errors import ImageDecodeError, InputError, ModelLoadError
+from catdog.run_folder import CLASSES_FILENAME, artifact_id, classes_file, model_file
 from catdog.schema import predictions_schema, prob_column
 
 logger = logging.getLogger(__name__)
 
-CLASSES_FILENAME = "classes.json"
-MODEL_FILENAME = "model.keras"  # as catdog.model.MODEL_FILENAME (not imported: it imports TensorFlow)
 UNSAFE_CLASSES = ("Lambda",)  # layers Keras safe mode refuses: they carry Python bytecode
 
 
@@ -44,14 +42,6 @@ class ModelInfo:
     image_size: int
     class_names: tuple[str, ...]
     model_id: str
-
-
-def classes_file(location: str) -> str:
-    """classes.json of a run folder, or beside a .keras file."""
-    if location.endswith(".keras"):
-        parent = location.rsplit("/", 1)[0] if "/" in location else "."
-        return storage.join(parent, CLASSES_FILENAME)
-    return storage.join(location, CLASSES_FILENAME)
 
 
 def load_class_names(location: str) -> tuple[str, ...]:
@@ -94,11 +84,6 @@ def load_checked(location: str, precision: str = "float32"):
     return model, ModelInfo(location, int(input_shape[1]), class_names, catdog_model.model_id(location))
 
 
-def model_file(location: str) -> str:
-    """The model file of a run folder, or the file itself (as catdog.model.model_file)."""
-    return location if location.endswith(".keras") else storage.join(location, MODEL_FILENAME)
-
-
 def describe_model(location: str) -> ModelInfo:
     """Check a model artifact without loading it: image size, class names, id (a hash of the file,
     as catdog.model.model_id). Layers Keras safe mode refuses are refused here already.
@@ -121,7 +106,7 @@ def describe_model(location: str) -> ModelInfo:
     if unsafe:
         raise ModelLoadError(f"could not load model {path}: it contains {', '.join(unsafe)} layers "
                              "(Lambda layers are refused: catdog loads models in Keras safe mode)")
-    info = ModelInfo(location, _input_size(config, path), class_names, hashlib.sha256(data).hexdigest()[:16])
+    info = ModelInfo(location, _input_size(config, path), class_names, artifact_id(data))
     logger.info("Model %s: id %s, %dx%d px, classes %s", location, info.model_id, info.image_size,
                 info.image_size, list(class_names))
     return info

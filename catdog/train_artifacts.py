@@ -17,14 +17,15 @@ from typing import Sequence
 import numpy as np
 
 from catdog import storage
+from catdog.run_folder import CLASSES_FILENAME, MODEL_FILENAME
 
-CLASSES_FILE = "classes.json"
+CLASSES_FILE = CLASSES_FILENAME
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 CURVES_FILE = "curves.png"
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_time_s"]
-ARTIFACTS = ("model.keras", CLASSES_FILE, CONFIG_FILE, METRICS_FILE, HISTORY_FILE, CURVES_FILE)
+ARTIFACTS = (MODEL_FILENAME, CLASSES_FILE, CONFIG_FILE, METRICS_FILE, HISTORY_FILE, CURVES_FILE)
 
 
 def classification_report(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str]) -> dict:

@@ -172,7 +172,8 @@ def test_accounting_catches_duplicates_missing_and_unlisted_rows(tmp_path):
 
 def test_model_description_needs_no_tensorflow_and_matches_catdog_model(tiny_model_run):
     from catdog import model as catdog_model
-    from catdog.predictor import describe_model, model_file
+    from catdog.predictor import describe_model
+    from catdog.run_folder import model_file
 
     info = describe_model(str(tiny_model_run))
     assert (info.image_size, info.class_names) == (32, tuple(CLASSES))
