@@ -10,6 +10,9 @@ processes included, sampled every 0.2 s):
 - tutorial: keras image_dataset_from_directory + model.predict + pandas to_parquet, one process;
 - score_<precision>: `python -m jobs.score` end to end (process start to _SUCCESS.json), and its
   steady state, from the `scored_at` stamps of the output (rows after the first batch / time).
+Also CPU seconds of each whole process tree: on a shared machine wall times swing with other
+people's load, CPU per image much less; `marginal_cpu_ms_per_image` (a run of N minus a run of
+3 batches, per extra image) is the pipeline's steady-state cost, to compare with the ceiling's.
 N images are made by symlinking the real photos repeatedly into a temporary folder (distinct
 paths, no copies; jobs.score gets --follow-symlinks). The model is a ResNet50 with random weights
 (no download here) at --image-size, unless --model names a run folder. Writes
@@ -64,14 +67,31 @@ def _rss_bytes(pid: int) -> int:
         return 0
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (its threads included)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def run_measured(command: list[str], env: dict | None = None, timeout: float = 3600) -> dict:
-    """Run a command; return wall seconds, peak tree RSS, exit code and its last stdout line."""
+    """Run a command; return wall seconds, peak tree RSS, tree CPU seconds and its stdout.
+
+    CPU seconds (last value seen per process, sampled every 0.2 s) barely depend on what else
+    the machine runs, unlike wall time: on a shared machine they are the steadier figure.
+    """
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
-    peak = 0
+    peak, cpu = 0, {}
     while process.poll() is None:
-        peak = max(peak, sum(_rss_bytes(p) for p in _tree(process.pid)))
+        tree = _tree(process.pid)
+        peak = max(peak, sum(_rss_bytes(p) for p in tree))
+        for pid in tree:
+            cpu[pid] = max(cpu.get(pid, 0.0), _cpu_seconds(pid))
         if time.monotonic() - started > timeout:
             process.kill()
         time.sleep(0.2)
@@ -83,7 +103,8 @@ def run_measured(command: list[str], env: dict | None = None, timeout: float = 3
         os.killpg(process.pid, 9)
     except (ProcessLookupError, PermissionError):
         pass
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1), "stdout": stdout}
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1), "cpu_s": round(sum(cpu.values()), 1),
+            "stdout": stdout}
 
 
 def _last_json(stdout: str) -> dict:
@@ -114,11 +135,12 @@ def worker_ceiling(run: str, precision: str, images: int, batch_size: int) -> No
     for _ in range(2):  # warm-up: oneDNN primitive creation, allocator
         predictor.predict(batch)
     batches = max(1, images // batch_size)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(batches):
         predictor.predict(batch)
-    seconds = time.perf_counter() - started
-    print(json.dumps({"images": batches * batch_size, "seconds": seconds, "images_per_s": batches * batch_size / seconds}))
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    n = batches * batch_size
+    print(json.dumps({"images": n, "seconds": seconds, "images_per_s": n / seconds, "cpu_ms_per_image": 1000 * cpu / n}))
 
 
 def worker_tutorial(run: str, folder: str, out: str, batch_size: int) -> None:
@@ -192,6 +214,18 @@ def bench_score(run: str, folder: Path, out: Path, precision: str, batch_size: i
     return result
 
 
+def bench_score_marginal(run: str, folder: Path, small: Path, out: Path, precision: str, batch_size: int) -> dict:
+    """jobs.score on N images, plus the CPU cost of one more image: (CPU(N) - CPU(small)) / (N - small),
+    which leaves out start-up (imports, Ray, model load) -- the steady state in CPU terms."""
+    result = bench_score(run, folder, out, precision, batch_size)
+    baseline = bench_score(run, small, out, precision, batch_size)
+    extra = result["images"] - baseline["images"]
+    result["startup_cpu_s"] = baseline["cpu_s"]
+    result["marginal_cpu_ms_per_image"] = round(1000 * (result["cpu_s"] - baseline["cpu_s"]) / extra, 1)
+    result["cpu_ms_per_image"] = round(1000 * result["cpu_s"] / result["images"], 1)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000, help="images for the tutorial and jobs.score runs")
@@ -224,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.model:
             run_measured(worker("build", run=run, image_size=args.image_size))
         folder = make_input(workdir / "input", args.n)
+        small = make_input(workdir / "small", 3 * args.batch_size)
         # Each ceiling right before the pipeline of the same precision: on a shared machine the
         # load drifts, and the ratio compares runs made under similar load.
         for precision in PRECISIONS:
@@ -235,13 +270,15 @@ def main(argv: list[str] | None = None) -> None:
                 _report(name, results[name])
             name = f"score_{precision}"
             if wanted is None or name in wanted:
-                results[name] = bench_score(run, folder, workdir / f"out-{precision}", precision, args.batch_size)
+                results[name] = bench_score_marginal(run, folder, small, workdir / f"out-{precision}", precision,
+                                                     args.batch_size)
                 results[name]["load_average"] = os.getloadavg()[0]
                 _report(name, results[name])
         if wanted is None or "tutorial" in wanted:
             measured = run_measured(worker("tutorial", run=run, folder=str(folder), out=str(workdir / "t.parquet"),
                                            batch_size=args.batch_size))
             results["tutorial"] = {**_last_json(measured.pop("stdout")), **measured, "load_average": os.getloadavg()[0]}
+            results["tutorial"]["cpu_ms_per_image"] = round(1000 * measured["cpu_s"] / results["tutorial"]["images"], 1)
             _report("tutorial", results["tutorial"])
         if args.rss_sizes:
             results["rss"] = _rss_growth(run, workdir, [int(s) for s in args.rss_sizes.split(",")], args.batch_size)
@@ -277,6 +314,13 @@ def _ratios(results: dict) -> dict:
             ratios[f"score_{precision}_steady_over_ceiling"] = round(steady / ceiling, 3)
         if rate("tutorial") and rate(f"score_{precision}"):
             ratios[f"score_{precision}_end_to_end_over_tutorial"] = round(rate(f"score_{precision}") / rate("tutorial"), 3)
+        ceiling_cpu = rate(f"ceiling_{precision}", "cpu_ms_per_image")
+        marginal_cpu = rate(f"score_{precision}", "marginal_cpu_ms_per_image")
+        if ceiling_cpu and marginal_cpu:  # load-independent form of steady-state over ceiling
+            ratios[f"score_{precision}_cpu_efficiency"] = round(ceiling_cpu / marginal_cpu, 3)
+        tutorial_cpu, score_cpu = rate("tutorial", "cpu_ms_per_image"), rate(f"score_{precision}", "cpu_ms_per_image")
+        if tutorial_cpu and score_cpu:  # end-to-end CPU cost per image, tutorial over jobs.score
+            ratios[f"score_{precision}_cpu_advantage_over_tutorial"] = round(tutorial_cpu / score_cpu, 3)
     if rate("ceiling_float32") and rate("ceiling_bfloat16"):
         ratios["ceiling_bfloat16_over_float32"] = round(rate("ceiling_bfloat16") / rate("ceiling_float32"), 3)
     if "rss" in results:
