@@ -1,7 +1,7 @@
 """How fast is jobs.report, and how much memory does it take, against loading the folder into pandas?
 
 Generates a predictions folder with the real schema (default 1,000,000 rows in 8 files), then runs,
-each in its own process so peak RSS (from os.wait4) is that process's alone:
+each in its own process, peak RSS from that process's own VmHWM (benchmarks/peak_memory.py):
   - `python -m jobs.report` at two scan batch sizes,
   - the naive alternative: `pandas.read_parquet` of the whole folder and the same counts.
 
@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.peak_memory import run_python  # noqa: E402
 from catdog.schema import predictions_schema  # noqa: E402
 
 PANDAS_NAIVE = """
@@ -64,16 +64,12 @@ def generate(folder: Path, rows: int, files: int, seed: int = 0) -> None:
         pq.write_table(table, folder / f"part-{i:05d}.parquet")
 
 
-def measure(command: list[str]) -> dict:
-    """Wall time and peak RSS of one child process."""
-    started = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{command} failed: {proc.stderr.read().decode()[-2000:]}")
-    return {"wall_s": round(time.perf_counter() - started, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+def measure(kind: str, target: str, args: list[str]) -> dict:
+    """Wall time and peak RSS of one child process (`python -m target` or `python -c target`)."""
+    run = run_python(kind, target, args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=3600)
+    if run.returncode != 0:
+        raise RuntimeError(f"{target} failed: {run.stderr[-2000:]}")
+    return {"wall_s": round(run.wall_s, 2), "peak_rss_mib": round(run.peak_rss_mib, 1)}
 
 
 def main() -> None:
@@ -90,14 +86,14 @@ def main() -> None:
         print(f"generated {args.rows:,} rows in {args.files} files ({size_mib:.0f} MiB) in {time.perf_counter() - t0:.1f} s")
         runs = {}
         for batch in ("65536", "1000000"):
-            runs[f"jobs.report batch_size={batch}"] = measure([
-                sys.executable, "-c",
+            runs[f"jobs.report batch_size={batch}"] = measure(
+                "-c",
                 "import sys; from catdog.report import ReportConfig, report; "
                 f"report(ReportConfig(sys.argv[1], output=sys.argv[2], batch_size={batch}))",
-                str(folder), str(Path(tmp) / f"report-{batch}"),
-            ])
-        runs["jobs.report (CLI, default)"] = measure([sys.executable, "-m", "jobs.report", str(folder), "--output", str(Path(tmp) / "cli")])
-        runs["pandas.read_parquet whole folder"] = measure([sys.executable, "-c", PANDAS_NAIVE, str(folder)])
+                [str(folder), str(Path(tmp) / f"report-{batch}")],
+            )
+        runs["jobs.report (CLI, default)"] = measure("-m", "jobs.report", [str(folder), "--output", str(Path(tmp) / "cli")])
+        runs["pandas.read_parquet whole folder"] = measure("-c", PANDAS_NAIVE, [str(folder)])
     print(f"{'run':40s} {'wall s':>8s} {'peak RSS MiB':>13s} {'rows/s':>12s}")
     for name, figures in runs.items():
         figures["rows_per_s"] = round(args.rows / figures["wall_s"])

@@ -60,11 +60,21 @@ def process_tree(root: int) -> list[int]:
 
 
 def _process_name(pid: int) -> str:
+    """The executable's file name, then the command line (cut to 80 characters).
+
+    The executable comes first because command lines are long and cut: under a deep install path,
+    ".../ray/core/src/ray/gcs/gcs_server ..." loses its last word (seen in CI).
+    """
+    try:
+        executable = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        executable = "?"
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
+            command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
     except OSError:
-        return "?"
+        command = "?"
+    return f"{executable}: {command}"
 
 
 def listeners(pids: list[int]) -> list[Listener]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from benchmarks.peak_memory import run_python
 from catdog.errors import InputError
 from catdog.report import ReportConfig, format_report, report, summarise
 from catdog.schema import predictions_schema, prob_column
@@ -153,19 +152,12 @@ def test_job_exit_codes_and_help(tmp_path, capsys):
 def test_million_rows_under_one_gib(tmp_path):
     expected = write_predictions(tmp_path / "preds", rows=1_000_000, files=8, seed=7)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "jobs.report", str(tmp_path / "preds"), "--threshold", "0.7"]
-    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    with out.open("w") as stdout_file, err.open("w") as stderr_file:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout_file, stderr=stderr_file)
-        # wait4 gives the resource usage of exactly this child (ru_maxrss in KiB on Linux), unlike
-        # RUSAGE_CHILDREN, which would also count earlier subprocesses of the test session.
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    stdout = out.read_text()
-    assert proc.returncode == 0, err.read_text()
-    peak_mib = usage.ru_maxrss / 1024
-    print(f"jobs.report on 1,000,000 rows: peak RSS {peak_mib:.0f} MiB")
-    assert peak_mib < 1024
+    # VmHWM of the child itself: ru_maxrss/wait4 would report this (large) pytest process's peak.
+    run = run_python("-m", "jobs.report", [str(tmp_path / "preds"), "--threshold", "0.7"], cwd=REPO, env=env)
+    stdout = run.stdout
+    assert run.returncode == 0, run.stderr
+    print(f"jobs.report on 1,000,000 rows: peak RSS {run.peak_rss_mib:.0f} MiB")
+    assert run.peak_rss_mib < 1024
     assert "rows: 1,000,000" in stdout
     summary = json.loads((tmp_path / "preds-report" / "report.json").read_text())
     assert summary["rows"] == 1_000_000
