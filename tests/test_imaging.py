@@ -5,6 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -111,13 +115,31 @@ def test_read_and_decode_gives_one_row_per_path_and_never_raises(corpus, tmp_pat
     assert (out["width"][~failed] > 0).all()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_unreadable_file_is_an_error_row(tmp_path):
-    path = tmp_path / "secret.jpg"
-    Image.new("RGB", (8, 8)).save(path)
-    path.chmod(0)
-    out = read_and_decode([str(path)], SIZE)
-    assert error_kind(out["error"][0]) == "read_error" and "PermissionError" in out["error"][0]
+    """Permission denied is a read_error row. Root reads any file, so as root (CI) the decode runs
+    in a child that drops to the unprivileged `nobody` user after importing catdog."""
+    folder = Path(tempfile.mkdtemp(prefix="catdog-unreadable-"))  # traversable by nobody, unlike tmp_path
+    try:
+        folder.chmod(0o755)
+        path = folder / "secret.jpg"
+        Image.new("RGB", (8, 8)).save(path)
+        path.chmod(0)
+        if os.geteuid() != 0:
+            error = read_and_decode([str(path)], SIZE)["error"][0]
+        else:
+            script = (
+                "import os, sys\n"
+                "from catdog.imaging import read_and_decode\n"
+                "os.setgid(65534); os.setuid(65534)\n"
+                f"print(read_and_decode([sys.argv[1]], {SIZE})['error'][0])\n"
+            )
+            run = subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=60)
+            assert run.returncode == 0, run.stderr
+            error = run.stdout.strip().splitlines()[-1]
+        assert error_kind(error) == "read_error" and "PermissionError" in error, error
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_decompression_bomb_is_refused_from_its_header_with_bounded_memory(tmp_path):
