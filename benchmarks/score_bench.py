@@ -259,21 +259,36 @@ def main(argv: list[str] | None = None) -> None:
             run_measured(worker("build", run=run, image_size=args.image_size))
         folder = make_input(workdir / "input", args.n)
         small = make_input(workdir / "small", 3 * args.batch_size)
-        # Each ceiling right before the pipeline of the same precision: on a shared machine the
-        # load drifts, and the ratio compares runs made under similar load.
+        # Each pipeline between two ceilings of the same precision, and the ratio taken against
+        # their mean: on a shared machine the speed of a core drifts (seen: 33 then 21 img/s for
+        # the same ceiling within minutes), and the two ceilings show how much it drifted.
+        def ceiling(precision: str) -> dict:
+            measured = run_measured(worker("ceiling", run=run, precision=precision,
+                                           images=args.ceiling_images, batch_size=args.batch_size))
+            return {**_last_json(measured.pop("stdout")), **measured, "load_average": os.getloadavg()[0]}
+
         for precision in PRECISIONS:
             name = f"ceiling_{precision}"
-            if wanted is None or name in wanted:
-                measured = run_measured(worker("ceiling", run=run, precision=precision,
-                                               images=args.ceiling_images, batch_size=args.batch_size))
-                results[name] = {**_last_json(measured.pop("stdout")), **measured, "load_average": os.getloadavg()[0]}
-                _report(name, results[name])
-            name = f"score_{precision}"
-            if wanted is None or name in wanted:
-                results[name] = bench_score_marginal(run, folder, small, workdir / f"out-{precision}", precision,
-                                                     args.batch_size)
-                results[name]["load_average"] = os.getloadavg()[0]
-                _report(name, results[name])
+            with_pipeline = wanted is None or f"score_{precision}" in wanted
+            if wanted is None or name in wanted or with_pipeline:
+                before = ceiling(precision)
+                _report(name + " (before)", before)
+            if with_pipeline:
+                score_name = f"score_{precision}"
+                results[score_name] = bench_score_marginal(run, folder, small, workdir / f"out-{precision}",
+                                                           precision, args.batch_size)
+                results[score_name]["load_average"] = os.getloadavg()[0]
+                _report(score_name, results[score_name])
+                after = ceiling(precision)
+                _report(name + " (after)", after)
+                results[name] = {
+                    "images_per_s": (before["images_per_s"] + after["images_per_s"]) / 2,
+                    "cpu_ms_per_image": (before["cpu_ms_per_image"] + after["cpu_ms_per_image"]) / 2,
+                    "drift": round(after["images_per_s"] / before["images_per_s"], 3),
+                    "before": before, "after": after,
+                }
+            elif wanted is None or name in wanted:
+                results[name] = before
         if wanted is None or "tutorial" in wanted:
             measured = run_measured(worker("tutorial", run=run, folder=str(folder), out=str(workdir / "t.parquet"),
                                            batch_size=args.batch_size))
