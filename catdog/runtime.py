@@ -22,6 +22,10 @@ QUIET_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "0",
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
 }
+# Ray Train V2's controller polls its workers every 2 s and each `ray.train.report` waits for that
+# poll: with one report per epoch, a 0.2 s epoch of head training took 2 s (measured). 0.25 s keeps
+# the controller's polling cheap and an epoch's overhead small.
+SPEED_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 def quiet_environment() -> None:
@@ -80,7 +84,7 @@ def configure_tensorflow(use_gpu: bool = False) -> None:
 
 def worker_runtime_env() -> dict:
     """runtime_env for Ray tasks/actors/workers: quiet logs and catdog importable."""
-    return {"env_vars": dict(QUIET_ENV)}
+    return {"env_vars": {**QUIET_ENV, **SPEED_ENV}}
 
 
 # On Linux Ray replaces a loopback node address by the machine's external one and its GCS,
