@@ -32,6 +32,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="debug logging, including Ray's and TensorFlow's")
 
 
+def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and how the model runs: the flags jobs.score and jobs.evaluate share."""
+    from catdog.score_config import PRECISIONS
+
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="bfloat16 is faster on AMX/AVX512-BF16 CPUs; float16 for GPUs")
+    parser.add_argument("--use-gpu", action="store_true", help="run predictors on GPUs")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="predictor actors (default: 1 on CPU, every GPU with --use-gpu)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per predictor call (default 32 CPU, 128 GPU)")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
+
+
 def run_job(job: Callable[[], object]) -> None:
     """Run a job's main function and exit: 0 on success, 2 on a user mistake, 1 otherwise."""
     try:

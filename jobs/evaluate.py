@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from catdog.cli import add_common_arguments, configure_logging, run_job
+from catdog.cli import add_common_arguments, add_predictor_arguments, configure_logging, run_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,11 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing evaluation folder")
     parser.add_argument("--bins", type=int, default=15, help="calibration bins for ECE (default 15)")
     parser.add_argument("--mistakes", type=int, default=20, help="images on the mistakes contact sheet (default 20)")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per predictor call (scoring default)")
-    parser.add_argument("--num-workers", type=int, default=None, help="predictor actors (scoring default)")
-    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--use-gpu", action="store_true", help="score on GPUs")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    add_predictor_arguments(parser)
     add_common_arguments(parser)
     return parser.parse_args(argv)
 

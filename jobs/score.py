@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from catdog.cli import add_common_arguments, configure_logging, run_job
-
-PRECISIONS = ("float32", "bfloat16", "float16")
-
+from catdog.cli import add_common_arguments, add_predictor_arguments, configure_logging, run_job
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__,
@@ -26,15 +23,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input", required=True,
                         help="folder or URI searched recursively for images, or a .parquet/.csv manifest with a 'path' column")
     parser.add_argument("--output", required=True, help="predictions folder (path or URI)")
-    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
-                        help="bfloat16 doubles CPU speed on AMX/AVX512-BF16 CPUs; float16 for GPUs")
-    parser.add_argument("--use-gpu", action="store_true", help="run predictors on GPUs")
+    add_predictor_arguments(parser)
     parser.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per predictor (fractions share a GPU)")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="predictor actors (default: 1 on CPU, every GPU with --use-gpu)")
     parser.add_argument("--min-workers", type=int, default=None, help="autoscaling pool: fewest predictor actors")
     parser.add_argument("--max-workers", type=int, default=None, help="autoscaling pool: most predictor actors")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per predictor call (default 32 CPU, 128 GPU)")
     parser.add_argument("--rows-per-file", type=int, default=None, help="rows per output file, at least (default 20000)")
     parser.add_argument("--partition-by", choices=("label",), default=None, help="write hive folders label=<class>/")
     parser.add_argument("--max-image-pixels", type=int, default=None,
@@ -43,10 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="delete catdog's files in --output first (others are kept)")
     group.add_argument("--resume", action="store_true", help="score only the files --output does not hold yet")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
     add_common_arguments(parser)
     return parser.parse_args(argv)
-
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
@@ -68,7 +58,6 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(summary, indent=2, sort_keys=True, default=str))
 
     run_job(job)
-
 
 if __name__ == "__main__":
     main()
