@@ -17,6 +17,7 @@ fills, Ray Data backpressures the decode stage and Ray spills objects to disk ra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -45,6 +46,11 @@ WRITE_CPUS = 0.25
 # predictor batch per block (fast start); large ones up to this many paths per block.
 MAX_PATHS_PER_BLOCK = 1024
 TARGET_BLOCKS = 200
+# Object-store budget of one scoring run. Decoding is ~20x faster than the model on CPU, so by
+# default Ray Data lets decoded pixels pile up to half the object store: peak memory then grew
+# with the input (3.2 GB at 1,000 images, 4.4 GB at 10,000; benchmarks/score_bench.py). A fixed
+# budget of a few blocks and batches ahead keeps memory flat and the predictors fed.
+MIN_OBJECT_STORE_BUDGET = 512 * 2**20
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int) -> pa.Table:
@@ -80,10 +86,36 @@ def _actor_pool(config: ScoreConfig):
     return ray.data.ActorPoolStrategy(size=1)
 
 
+def _block_rows(total: int, batch_size: int) -> int:
+    rows = max(batch_size, min(MAX_PATHS_PER_BLOCK, math.ceil(total / TARGET_BLOCKS)))
+    return math.ceil(rows / batch_size) * batch_size
+
+
 def _blocks(table: pa.Table, batch_size: int) -> list[pa.Table]:
-    rows = max(batch_size, min(MAX_PATHS_PER_BLOCK, math.ceil(table.num_rows / TARGET_BLOCKS)))
-    rows = math.ceil(rows / batch_size) * batch_size
+    rows = _block_rows(table.num_rows, batch_size)
     return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
+
+
+def object_store_budget(total: int, batch_size: int, image_size: int, predictors: int) -> int:
+    """Bytes of object store one run may fill: 8 decoded blocks, 32 batches per predictor, 512 MiB
+    at least -- independent of how many images there are."""
+    image_bytes = image_size * image_size * 3
+    block = _block_rows(total, batch_size) * image_bytes
+    return max(MIN_OBJECT_STORE_BUDGET, 8 * block, 32 * batch_size * image_bytes * predictors)
+
+
+@contextlib.contextmanager
+def _object_store_budget(budget: int):
+    """Limit Ray Data's object-store use in this driver for the duration of one run."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    saved = options.resource_limits
+    options.resource_limits = saved.copy(object_store_memory=min(budget, saved.object_store_memory))
+    try:
+        yield
+    finally:
+        options.resource_limits = saved
 
 
 def run_pipeline(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: str) -> None:
@@ -98,33 +130,36 @@ def run_pipeline(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: s
     predictor_resources = {"num_cpus": PREDICTOR_CPUS}
     if config.use_gpu:
         predictor_resources["num_gpus"] = config.gpus_per_worker
-    ds = ray.data.from_arrow(_blocks(todo, batch_size))
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"image_size": info.image_size, "max_pixels": config.max_image_pixels},
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=DECODE_CPUS,
-    )
-    ds = ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={"info": info, "precision": config.precision, "use_gpu": config.use_gpu,
-                               "with_true_label": with_true_label},
-        compute=_actor_pool(config),
-        batch_size=batch_size,
-        batch_format="numpy",
-        **predictor_resources,
-    )
-    fs, root = storage.resolve(config.output)
-    ds.write_parquet(
-        root,
-        filesystem=fs,
-        filename_provider=output.PartFilenameProvider(run_id),
-        partition_cols=[config.partition_by] if config.partition_by else None,
-        min_rows_per_file=config.rows_per_file,
-        ray_remote_args={"num_cpus": WRITE_CPUS},
-        schema=schema,
-    )
+    pool = _actor_pool(config)
+    budget = object_store_budget(todo.num_rows, batch_size, info.image_size, pool.max_size)
+    with _object_store_budget(budget):
+        ds = ray.data.from_arrow(_blocks(todo, batch_size))
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={"image_size": info.image_size, "max_pixels": config.max_image_pixels},
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=DECODE_CPUS,
+        )
+        ds = ds.map_batches(
+            Predictor,
+            fn_constructor_kwargs={"info": info, "precision": config.precision, "use_gpu": config.use_gpu,
+                                   "with_true_label": with_true_label},
+            compute=pool,
+            batch_size=batch_size,
+            batch_format="numpy",
+            **predictor_resources,
+        )
+        fs, root = storage.resolve(config.output)
+        ds.write_parquet(
+            root,
+            filesystem=fs,
+            filename_provider=output.PartFilenameProvider(run_id),
+            partition_cols=[config.partition_by] if config.partition_by else None,
+            min_rows_per_file=config.rows_per_file,
+            ray_remote_args={"num_cpus": WRITE_CPUS},
+            schema=schema,
+        )
 
 
 def _run_reporting_model_errors(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: str) -> None:

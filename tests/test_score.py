@@ -410,3 +410,16 @@ def test_predict_job_prints_the_in_process_prediction(tiny_model_run, real_photo
 
     with pytest.raises(InputError, match="not_an_image"):  # jobs map InputError to exit 2
         predict_image(str(tiny_model_run), str(ROOT / "pyproject.toml"))
+
+
+def test_object_store_budget_does_not_grow_with_the_input():
+    """Peak memory of a scoring run must not grow with the number of images (issue: <= 15% from
+    1,000 to 10,000); the object-store budget is what bounds the decoded pixels in flight."""
+    from catdog.scoring import MIN_OBJECT_STORE_BUDGET, object_store_budget
+
+    small = object_store_budget(1_000, 32, 180, predictors=1)
+    assert small == MIN_OBJECT_STORE_BUDGET
+    assert object_store_budget(10_000, 32, 180, 1) == small
+    huge = object_store_budget(1_000_000_000, 32, 180, 1)  # 1,024-path blocks: 8 of them in flight
+    assert huge == 8 * 1024 * 180 * 180 * 3 < 1 << 30
+    assert object_store_budget(1_000, 128, 224, predictors=8) == 32 * 128 * 224 * 224 * 3 * 8  # a GPU pool
