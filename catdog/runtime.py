@@ -83,7 +83,7 @@ def configure_tensorflow(use_gpu: bool = False) -> None:
 
 
 def worker_runtime_env() -> dict:
-    """runtime_env for Ray tasks/actors/workers: quiet logs and catdog importable."""
+    """runtime_env for Ray tasks/actors/workers: quiet logs, and Ray Train's faster worker poll."""
     return {"env_vars": {**QUIET_ENV, **SPEED_ENV}}
 
 

@@ -13,6 +13,8 @@ plus one full-size image while decoding it (bounded by --max-image-pixels: 100 M
 the default; JPEGs decode at reduced scale). A predictor actor holds TensorFlow, the model and one
 batch of activations (ResNet50, 180 px, batch 32: ~1.5 GB on CPU in all). When the object store
 fills, Ray Data backpressures the decode stage and Ray spills objects to disk rather than failing.
+Decoded pixels in flight are capped per run (`object_store_budget`), so memory does not grow with
+the number of images.
 """
 
 from __future__ import annotations
