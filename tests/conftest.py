@@ -26,6 +26,17 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """A local S3-compatible server (moto) on 127.0.0.1, one per test module."""
+    pytest.importorskip("moto.server")
+    from s3local import LocalS3
+
+    server = LocalS3()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def sample_images(tmp_path_factory) -> Path:
     """A separable two-class folder of real JPEG/PNG files (cats/, dogs/), 40 images each."""

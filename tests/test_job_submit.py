@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from netinfo import listeners, process_tree
-from s3local import LocalS3, weights_file
+from s3local import weights_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -169,14 +169,6 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
-
-
-@pytest.fixture(scope="module")
-def s3():
-    pytest.importorskip("moto.server")
-    server = LocalS3()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from s3local import LocalS3
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    pytest.importorskip("moto.server")
-    server = LocalS3()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
