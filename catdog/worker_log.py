@@ -77,8 +77,8 @@ def summarise_worker_reports(events: list[dict], num_workers: int) -> dict:
 # Lines forwarded from Ray workers that say nothing to a user: TensorFlow's C++ start-up lines in
 # each worker (written before any log level applies); Ray Train's per-report echo of every metric
 # (catdog's rank 0 logs one line per epoch instead) and Ray Data's per-epoch start/finish lines of
-# each worker's shard; and everything from Train V2's placement-group cleaner, which polls the state
-# API every second and warns (with tracebacks) each time on a local Ray without a dashboard.
+# each worker's shard. (Train V2's placement-group cleaner, which warned with tracebacks on a local
+# Ray without a dashboard, is not started at all: catdog.training.trainer_class.)
 _WORKER_NOISE = re.compile(
     r"^(I0000 00:00|E0000 00:00|W0000 00:00|WARNING: All log messages before absl)"
     r"|has constructor arguments in the object store and max_restarts > 0"
@@ -86,7 +86,6 @@ _WORKER_NOISE = re.compile(
     r"|Dataset (train|val)_\w+ execution finished|(Starting execution|Execution plan) of Dataset (train|val)_"
     r"|A new progress UI is available"
 )
-_NOISY_ACTORS = ("PlacementGroupCleaner",)
 
 
 def drop_worker_log_noise() -> None:
@@ -103,8 +102,6 @@ def drop_worker_log_noise() -> None:
             continue
 
         def filtered(data, _inner=handler):
-            if data.get("actor_name") in _NOISY_ACTORS:
-                return
             lines = [line for line in data.get("lines", []) if not _WORKER_NOISE.search(line)]
             if lines:
                 _inner({**data, "lines": lines})
