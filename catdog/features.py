@@ -67,7 +67,8 @@ class FeatureEmbedder:
         found = catdog_model.weights_fingerprint(self.extractor)
         if found != fingerprint:  # would poison the cache; cannot happen with a seeded init
             raise RuntimeError(f"feature actor built backbone {found}, the driver expected {fingerprint}")
-        self.forward = tf.function(lambda pixels: self.extractor(pixels, training=False))
+        fast = catdog_model.inference_model(self.extractor)  # BN folded: ~1.6x the plain forward
+        self.forward = tf.function(lambda pixels: fast(pixels, training=False))
         self.width = int(np.prod(self.spec.feature_shape))
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -28,7 +28,9 @@ import numpy as np  # noqa: E402
 
 BACKBONE_FEATURES = 2048  # channels of ResNet50's last block
 HEADS = ("gap", "flatten")
-PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+# Keras dtype policy per --precision: bfloat16 runs every layer in bf16 (its range is float32's, and
+# the per-layer casts of mixed_bfloat16 cost a third of its speed here); float16 keeps float32 variables.
+PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "mixed_float16"}
 
 
 @keras.saving.register_keras_serializable(package="catdog")
@@ -144,10 +146,135 @@ def save_model(model: keras.Model, location: str) -> None:
         storage.write_bytes(location, local.read_bytes())
 
 
+def load_model(location: str) -> keras.Model:
+    """Load a run folder's (or a `.keras` file's) model, as saved, in Keras safe mode.
+
+    Raises:
+        ModelLoadError: the file is missing, not a Keras model, or holds unsafe layers (Lambda).
+    """
+    path = model_file(location)
+    if not storage.exists(path):
+        raise ModelLoadError(f"no model at {path} (expected a training run folder or a .keras file)")
+    with tempfile.TemporaryDirectory(prefix="catdog-load-") as tmp:
+        local = storage.copy_to_local(path, Path(tmp) / MODEL_FILENAME)
+        try:
+            return keras.saving.load_model(local, safe_mode=True, compile=False)
+        except Exception as exc:  # noqa: BLE001 - any failure to load is the user's artifact
+            hint = " (Lambda layers are refused: catdog loads models in Keras safe mode)" if "lambda" in str(exc).lower() else ""
+            raise ModelLoadError(f"could not load model {path}: {exc}{hint}") from exc
+
+
+def inference_model(model: keras.Model, precision: str = "float32") -> keras.Model:
+    """The same function as `model`, rebuilt for fast inference at `precision`.
+
+    Each BatchNormalization that directly follows a Conv2D (all 53 in ResNet50) is folded into
+    that convolution's kernel and bias, which is exact for a frozen model at inference
+    (training=False) and removes a third of the layers and their memory traffic. Every layer
+    then computes at `precision` (`PRECISIONS`), except the final softmax, which stays float32.
+    Measured here (2 cores with AMX, 180 px, batch 32): float32 24 -> 39 img/s, bfloat16 91 img/s.
+    The returned model is for inference only; train and save the original.
+
+    Raises:
+        ModelLoadError: an unknown precision.
+    """
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    config, folded = _fold_batchnorm_config(model.get_config())
+    config = _set_dtype_policy(config, PRECISIONS[precision])
+    fast = keras.Model.from_config(config)
+    _copy_folded_weights(model, fast, folded)
+    return fast
+
+
+def _inbound_layer_names(layer_config: dict) -> list[str]:
+    """Names of the layers whose outputs feed a layer, from its functional config."""
+    names = []
+
+    def visit(item: object) -> None:
+        if isinstance(item, dict) and item.get("class_name") == "__keras_tensor__":
+            names.append(item["config"]["keras_history"][0])
+        elif isinstance(item, dict):
+            for value in item.values():
+                visit(value)
+        elif isinstance(item, (list, tuple)):
+            for value in item:
+                visit(value)
+
+    visit(layer_config.get("inbound_nodes", []))
+    return names
+
+
+def _fold_batchnorm_config(config: dict) -> tuple[dict, dict[str, str]]:
+    """A functional config with each Conv2D -> BatchNormalization pair (the conv feeding only that
+    BN) merged into the conv, nested models included. Returns it and {conv name: BN name}."""
+    layers = config["layers"]
+    kinds = {layer["name"]: layer["class_name"] for layer in layers}
+    consumers: dict[str, list[str]] = {}
+    for layer in layers:
+        for source in _inbound_layer_names(layer):
+            consumers.setdefault(source, []).append(layer["name"])
+    bn_to_conv = {}
+    for layer in layers:
+        sources = _inbound_layer_names(layer)
+        if (layer["class_name"] == "BatchNormalization" and len(sources) == 1
+                and kinds.get(sources[0]) == "Conv2D" and consumers.get(sources[0]) == [layer["name"]]):
+            bn_to_conv[layer["name"]] = sources[0]
+    folded = {conv: bn for bn, conv in bn_to_conv.items()}
+
+    def rewire(item: object) -> object:
+        if isinstance(item, dict) and item.get("class_name") == "__keras_tensor__":
+            history = list(item["config"]["keras_history"])
+            if history[0] in bn_to_conv:
+                history = [bn_to_conv[history[0]], 0, 0]
+            return {**item, "config": {**item["config"], "keras_history": history}}
+        if isinstance(item, dict):
+            return {key: rewire(value) for key, value in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [rewire(value) for value in item]
+        return item
+
+    new_layers = []
+    for layer in layers:
+        if layer["name"] in bn_to_conv:
+            continue
+        layer = {**layer, "inbound_nodes": rewire(layer.get("inbound_nodes", []))}
+        if layer["name"] in folded:
+            layer["config"] = {**layer["config"], "use_bias": True}
+        elif "layers" in layer.get("config", {}):  # a nested functional model
+            inner, inner_folded = _fold_batchnorm_config(layer["config"])
+            layer["config"] = inner
+            folded.update(inner_folded)
+        new_layers.append(layer)
+    def rewire_output(output: list) -> list:  # [layer name, node index, tensor index]
+        return [bn_to_conv[output[0]], 0, 0] if output[0] in bn_to_conv else output
+
+    outputs = config["output_layers"]
+    single = bool(outputs) and isinstance(outputs[0], str)
+    outputs = rewire_output(outputs) if single else [rewire_output(output) for output in outputs]
+    return {**config, "layers": new_layers, "output_layers": outputs}, folded
+
+
+def _copy_folded_weights(source: keras.Model, target: keras.Model, folded: dict[str, str]) -> None:
+    """Copy weights layer by layer (by name), folding each BN's statistics into its conv."""
+    for layer in target.layers:
+        original = source.get_layer(layer.name)
+        if isinstance(layer, keras.Model):
+            _copy_folded_weights(original, layer, folded)
+        elif layer.name in folded:
+            bn = source.get_layer(folded[layer.name])
+            kernel, *rest = [np.asarray(w, dtype=np.float64) for w in original.get_weights()]
+            bias = rest[0] if rest else np.zeros(kernel.shape[-1])
+            gamma, beta, mean, variance = [np.asarray(w, dtype=np.float64) for w in bn.get_weights()]
+            scale = gamma / np.sqrt(variance + bn.epsilon)
+            layer.set_weights([(kernel * scale).astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)])
+        elif layer.weights:
+            layer.set_weights(original.get_weights())
+
+
 def _set_dtype_policy(config: object, policy: str) -> object:
     """Return a copy of a model config with every layer's dtype set to `policy`, except the final
     softmax, which stays float32 for numerically sound probabilities."""
-    if isinstance(config, list):
+    if isinstance(config, (list, tuple)):
         return [_set_dtype_policy(item, policy) for item in config]
     if not isinstance(config, dict):
         return config
@@ -155,29 +282,3 @@ def _set_dtype_policy(config: object, policy: str) -> object:
     if "dtype" in out and isinstance(out["dtype"], dict) and out.get("name") != "probabilities":
         out["dtype"] = policy
     return out
-
-
-def load_model(location: str, precision: str = "float32") -> keras.Model:
-    """Load a run folder's (or a `.keras` file's) model in Keras safe mode at a given precision.
-
-    Raises:
-        ModelLoadError: the file is missing, not a Keras model, or holds unsafe layers (Lambda).
-    """
-    if precision not in PRECISIONS:
-        raise ModelLoadError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    path = model_file(location)
-    if not storage.exists(path):
-        raise ModelLoadError(f"no model at {path} (expected a training run folder or a .keras file)")
-    with tempfile.TemporaryDirectory(prefix="catdog-load-") as tmp:
-        local = storage.copy_to_local(path, Path(tmp) / MODEL_FILENAME)
-        try:
-            model = keras.saving.load_model(local, safe_mode=True, compile=False)
-        except Exception as exc:  # noqa: BLE001 - any failure to load is the user's artifact
-            hint = " (Lambda layers are refused: catdog loads models in Keras safe mode)" if "lambda" in str(exc).lower() else ""
-            raise ModelLoadError(f"could not load model {path}: {exc}{hint}") from exc
-    if precision == "float32":
-        return model
-    config = _set_dtype_policy(model.get_config(), PRECISIONS[precision])
-    low_precision = keras.Model.from_config(config)
-    low_precision.set_weights(model.get_weights())
-    return low_precision

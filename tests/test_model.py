@@ -57,9 +57,57 @@ def test_saved_model_loads_in_safe_mode_with_identical_outputs(saved_run):
     assert len(M.model_id(str(run))) == 16
 
 
+def _randomise_batchnorm(model: keras.Model, seed: int = 0) -> None:
+    """Trained-looking BN statistics (fresh layers hold the identity, which folds trivially)."""
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.gamma.shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.2, shape),
+                               rng.normal(0, 0.2, shape), rng.uniform(0.5, 1.5, shape)])
+
+
+def _layers_of(model: keras.Model, kind: type) -> list:
+    return [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, kind)]
+
+
+@pytest.mark.parametrize("head", ["gap", "flatten"])
+def test_inference_model_folds_every_batchnorm_of_resnet50_exactly(tmp_path, head):
+    spec = M.ModelSpec(num_classes=3, image_size=64, head=head)
+    extractor = M.build_feature_extractor(spec, weights=None, seed=1)
+    _randomise_batchnorm(extractor)
+    M.save_model(M.build_model(extractor, M.build_head(spec)), str(tmp_path / M.MODEL_FILENAME))
+    saved = M.load_model(str(tmp_path))
+    fast = M.inference_model(saved, "float32")
+    assert len(_layers_of(saved, keras.layers.BatchNormalization)) == 53
+    assert _layers_of(fast, keras.layers.BatchNormalization) == []
+    assert all(conv.use_bias for conv in _layers_of(fast, keras.layers.Conv2D))
+    x = _pixels(n=8, size=64, seed=4)
+    features = saved.get_layer("feature_extractor")(x, training=False)
+    np.testing.assert_allclose(fast.get_layer("feature_extractor")(x, training=False), features,
+                               rtol=1e-4, atol=1e-4 * float(np.abs(features).max()))
+    np.testing.assert_allclose(fast(x, training=False), saved(x, training=False), atol=1e-4)  # float32 rounding
+
+
+def test_inference_model_folds_only_a_conv_that_feeds_its_batchnorm_alone():
+    pixels = keras.Input((8, 8, 3))
+    shared = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="shared")(pixels)
+    kept = keras.layers.BatchNormalization(name="kept")(shared)  # its conv also feeds `skip`
+    skip = keras.layers.ReLU(name="skip")(shared)
+    own = keras.layers.Conv2D(4, 1, name="own")(keras.layers.Add()([kept, skip]))
+    out = keras.layers.BatchNormalization(name="folded")(own)  # a model output: rewired to `own`
+    model = keras.Model(pixels, [out, skip])
+    _randomise_batchnorm(model)
+    fast = M.inference_model(model)
+    assert [layer.name for layer in _layers_of(fast, keras.layers.BatchNormalization)] == ["kept"]
+    x = _pixels(n=2, size=8)
+    for got, expected in zip(fast(x, training=False), model(x, training=False)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_within_tolerance_and_softmax_float32(saved_run):
     run, full, _ = saved_run
-    low = M.load_model(str(run), precision="bfloat16")
+    low = M.inference_model(M.load_model(str(run)), precision="bfloat16")
     x = _pixels(seed=2)
     probs = np.asarray(low(x))
     assert probs.dtype == np.float32
