@@ -54,27 +54,31 @@ def cache_folder(cache_dir: str, fingerprint: str, image_size: int, head: str) -
 
 
 class FeatureEmbedder:
-    """Ray Data actor: file paths -> backbone embeddings (decoding through catdog.imaging)."""
+    """Ray Data actor: file paths -> backbone embeddings (decoding through catdog.imaging).
 
-    def __init__(self, spec: dict, weights: str | None, seed: int, fingerprint: str, use_gpu: bool):
+    The driver's own extractor, already folded for inference (`catdog.model.inference_model`),
+    arrives as its config and an object-store reference to its weights: an actor neither
+    rebuilds nor re-downloads the backbone, and computes with exactly the driver's weights.
+    """
+
+    def __init__(self, extractor_config: dict, weights_ref: list, image_size: int, use_gpu: bool):
         configure_tensorflow(use_gpu)
+        import keras
+        import ray
         import tensorflow as tf
 
-        from catdog import model as catdog_model
+        from catdog import model as catdog_model  # noqa: F401 - registers catdog's layers
 
-        self.spec = catdog_model.ModelSpec(**spec)
-        self.extractor = catdog_model.build_feature_extractor(self.spec, weights, seed)
-        found = catdog_model.weights_fingerprint(self.extractor)
-        if found != fingerprint:  # would poison the cache; cannot happen with a seeded init
-            raise RuntimeError(f"feature actor built backbone {found}, the driver expected {fingerprint}")
-        fast = catdog_model.inference_model(self.extractor)  # BN folded: ~1.6x the plain forward
-        self.forward = tf.function(lambda pixels: fast(pixels, training=False))
-        self.width = int(np.prod(self.spec.feature_shape))
+        self.image_size = image_size
+        self.extractor = keras.Model.from_config(extractor_config)
+        self.extractor.set_weights(ray.get(weights_ref[0]))  # in a list: Ray resolves only top-level refs
+        self.width = int(np.prod(self.extractor.output_shape[1:]))
+        self.forward = tf.function(lambda pixels: self.extractor(pixels, training=False))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from catdog.imaging import read_and_decode
 
-        decoded = read_and_decode(batch.column("path").to_pylist(), self.spec.image_size)
+        decoded = read_and_decode(batch.column("path").to_pylist(), self.image_size)
         ok = np.array([error is None for error in decoded["error"]])
         features = np.zeros((len(ok), self.width), dtype=np.float32)
         if ok.any():
@@ -120,15 +124,17 @@ def _write_part(folder: str, table: pa.Table, run_id: str) -> str:
     return final
 
 
-def _compute(missing: pa.Table, spec: dict, weights: str | None, seed: int, fingerprint: str, *,
-             use_gpu: bool, actors: int, cpus_per_actor: float, batch_size: int) -> pa.Table:
+def _compute(missing: pa.Table, extractor, image_size: int, *, use_gpu: bool, actors: int,
+             cpus_per_actor: float, batch_size: int) -> pa.Table:
     """Embed the missing files with an actor pool; the driver gathers the (small) results."""
     import ray
 
+    weights_ref = ray.put(extractor.get_weights())
     blocks = [missing.slice(start, BLOCK_ROWS) for start in range(0, missing.num_rows, BLOCK_ROWS)]
     dataset = ray.data.from_arrow(blocks).map_batches(
         FeatureEmbedder,
-        fn_constructor_kwargs=dict(spec=spec, weights=weights, seed=seed, fingerprint=fingerprint, use_gpu=use_gpu),
+        fn_constructor_kwargs=dict(extractor_config=extractor.get_config(), weights_ref=[weights_ref],
+                                   image_size=image_size, use_gpu=use_gpu),
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
@@ -151,15 +157,16 @@ def _split_table(rows: pa.Table, index: dict[str, int], images: LabelledImages) 
 
 
 def build_features(
-    train: LabelledImages, val: LabelledImages, spec: dict, weights: str | None, seed: int, fingerprint: str,
+    train: LabelledImages, val: LabelledImages, spec: dict, extractor, fingerprint: str,
     cache_dir: str, *, use_gpu: bool = False, actors: int = 1, cpus_per_actor: float = 0.5, batch_size: int = 32,
 ) -> FeatureSet:
     """Embeddings for the train and validation images: reused from the cache where valid, the rest computed.
 
     Args:
         spec: `ModelSpec.to_dict()` of the model being trained (image size and head decide the features).
-        weights, seed: as for `catdog.model.build_feature_extractor`.
-        fingerprint: `weights_fingerprint` of that extractor, computed by the caller.
+        extractor: the feature extractor to compute with, best folded for inference
+            (`catdog.model.inference_model`).
+        fingerprint: `weights_fingerprint` of the extractor as built (the cache key).
     """
     folder = cache_folder(cache_dir, fingerprint, spec["image_size"], spec["head"])
     listed = {}
@@ -180,7 +187,7 @@ def build_features(
         logger.info("Computing %d embeddings (%d reused from %s)", len(missing), reused, folder)
         todo = pa.table({"path": missing, "file_size": [listed[p][0] for p in missing],
                          "mtime_ns": [listed[p][1] for p in missing]}, schema=_key_schema())
-        new = _compute(todo, spec, weights, seed, fingerprint, use_gpu=use_gpu, actors=actors,
+        new = _compute(todo, extractor, spec["image_size"], use_gpu=use_gpu, actors=actors,
                        cpus_per_actor=cpus_per_actor, batch_size=batch_size)
         logger.info("Wrote %s", _write_part(folder, new, uuid.uuid4().hex[:12]))
         offset = rows.num_rows if rows is not None else 0

@@ -90,12 +90,11 @@ def _resolve_weights(weights: str | None) -> str | None:
 def build_feature_extractor(spec: ModelSpec, weights: str | None = "imagenet", seed: int = 0) -> keras.Model:
     """Pixels [0, 255] -> frozen backbone features (pooled for the gap head, the map for flatten).
 
-    With `weights=None` the random initialisation is seeded, so every process that builds the
-    extractor with the same seed gets the same backbone (cached features stay valid).
+    With `weights=None` the random initialisation comes from `seed` alone (`_seeded_init`), so
+    every process and thread that builds the extractor with the same seed gets the same backbone
+    (cached features stay valid).
     """
     local_weights = _resolve_weights(weights)
-    if local_weights is None:
-        keras.utils.set_random_seed(seed)
     try:
         backbone = keras.applications.ResNet50(
             include_top=False,
@@ -105,10 +104,36 @@ def build_feature_extractor(spec: ModelSpec, weights: str | None = "imagenet", s
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load backbone weights {weights!r}: {exc}") from exc
+    if local_weights is None:
+        _seeded_init(backbone, seed)
     backbone.trainable = False
     pixels = keras.Input((spec.image_size, spec.image_size, 3), name="pixels")
     features = backbone(ResNet50Preprocess(name="preprocess")(pixels), training=False)
     return keras.Model(pixels, features, name="feature_extractor")
+
+
+def _seeded_init(model: keras.Model, seed: int) -> None:
+    """Re-initialise every weight from `seed` alone: Glorot-uniform kernels (Keras' default), zero
+    biases, identity BatchNormalization. Keras' own initialisers draw from process-wide random
+    state, which another thread (Ray starting up) may advance at the same time."""
+    for index, layer in enumerate(model._flatten_layers(include_self=False)):
+        if not layer.weights:
+            continue
+        rng = np.random.default_rng([seed, index])
+        if isinstance(layer, keras.layers.BatchNormalization):
+            values = [np.ones(w.shape) if "gamma" in w.path or "variance" in w.path else np.zeros(w.shape)
+                      for w in layer.weights]
+        else:
+            values = []
+            for weight in layer.weights:
+                shape = tuple(weight.shape)
+                if len(shape) < 2:  # bias
+                    values.append(np.zeros(shape))
+                    continue
+                receptive = int(np.prod(shape[:-2]))
+                limit = np.sqrt(6.0 / (receptive * (shape[-2] + shape[-1])))
+                values.append(rng.uniform(-limit, limit, shape))
+        layer.set_weights([v.astype(np.float32) for v in values])
 
 
 def build_head(spec: ModelSpec) -> keras.Model:

@@ -96,6 +96,13 @@ def read_bytes(location: str) -> bytes:
         return f.read()
 
 
+def read_head(location: str, size: int) -> bytes:
+    """The first `size` bytes of a file (fewer if it is shorter)."""
+    fs, path = resolve(location)
+    with fs.open_input_file(path) as f:
+        return f.read(size)
+
+
 def write_bytes(location: str, data: bytes) -> None:
     """Write a whole file; parents are created on local filesystems.
 

@@ -6,10 +6,11 @@ import os
 from dataclasses import asdict, dataclass
 
 from catdog import storage
-from catdog.errors import CatdogError, InputError
+from catdog.errors import CatdogError, InputError, ModelLoadError
 
 MODES = ("cached", "end-to-end")
 HEADS = ("gap", "flatten")  # mirrors catdog.model.HEADS without importing TensorFlow
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # first bytes of every Keras .weights.h5 / .h5 file
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "catdog", "features")
 
 
@@ -78,8 +79,13 @@ class TrainConfig:
             problems.append("--augment needs --mode end-to-end (cached features are computed once, without augmentation)")
         if problems:
             raise CatdogError("; ".join(problems))
-        if self.weights not in ("imagenet", "none") and not storage.exists(self.weights):
-            raise InputError(f"--weights: no weights file at {self.weights} (use imagenet, none or a .weights.h5 path)")
+        if self.weights not in ("imagenet", "none"):
+            if not storage.exists(self.weights):
+                raise InputError(f"--weights: no weights file at {self.weights} (use imagenet, none or a .weights.h5 path)")
+            if storage.read_head(self.weights, len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
+                # checked here, before Ray starts: the backbone itself loads while Ray starts
+                raise ModelLoadError(f"could not load backbone weights {self.weights!r}: not an HDF5 file "
+                                     "(expected a Keras .weights.h5 file)")
 
     @property
     def weights_arg(self) -> str | None:

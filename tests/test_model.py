@@ -163,6 +163,29 @@ def test_random_backbone_is_identical_across_processes():
     assert prints[0] == prints[1] == here
 
 
+def test_random_backbone_ignores_global_random_state_used_by_other_threads():
+    """jobs.train builds the backbone in a thread while Ray starts in the main thread and draws
+    from Python's and numpy's global random state; the backbone (the cache key) must not move."""
+    import random
+    import threading
+
+    spec = M.ModelSpec(2, 32)
+    expected = M.weights_fingerprint(M.build_feature_extractor(spec, None, seed=5))
+    built = {}
+    thread = threading.Thread(target=lambda: built.update(
+        fingerprint=M.weights_fingerprint(M.build_feature_extractor(spec, None, seed=5))))
+    thread.start()
+    while thread.is_alive():
+        random.random()
+        np.random.random()
+    thread.join()
+    assert built["fingerprint"] == expected
+    kernel = M.build_feature_extractor(spec, None, seed=5).get_layer("resnet50").get_layer("conv1_conv").kernel
+    limit = np.sqrt(6 / (7 * 7 * (3 + 64)))  # Glorot-uniform, Keras' default for Conv2D
+    assert 0.9 * limit < float(np.abs(np.asarray(kernel)).max()) <= limit
+    assert M.weights_fingerprint(M.build_feature_extractor(spec, None, seed=6)) != expected
+
+
 def test_spec_validation():
     with pytest.raises(ValueError):
         M.ModelSpec(num_classes=1)
