@@ -6,6 +6,9 @@ custom loop: `strategy.run(step)` inside a `tf.function`, per-example losses ave
 all-reduced across workers. Every worker evaluates the whole validation set and the results are
 averaged across workers, so all workers take the same early-stopping decision on the same numbers.
 
+Cached embeddings come from the object store (`cached_batches` shards them, reshuffled each epoch);
+decoded images in end-to-end mode come as Ray Data shards.
+
 Each epoch every worker calls `ray.train.report` (a barrier) with its metrics and a fingerprint
 of its own head weights; rank 0 attaches a small checkpoint (head, best head, optimizer state,
 history), from which a restarted worker group resumes at the next epoch.
@@ -32,7 +35,7 @@ BEST_HEAD_WEIGHTS = "best_head.weights.h5"
 OPTIMIZER_STATE = "optimizer.npz"
 STATE_FILE = "state.json"
 VAL_BATCH_SIZE = 256  # forward-only; bounded memory even for flatten features
-SHUFFLE_BUFFER = 2048  # rows; enough to mix the cached features of several blocks
+SHUFFLE_BUFFER = 2048  # end-to-end mode: decoded images mixed locally across Ray Data blocks
 
 
 def head_fingerprint(head) -> str:
@@ -83,6 +86,27 @@ def _build_augmenter(image_size: int):
         ],
         name="augment",
     )
+
+
+def cached_batches(table, rank: int, world: int, batch_size: int, seed: int | None):
+    """Batches {"features", "label"} of this worker's shard of an embeddings table.
+
+    With a seed (training), every worker draws the same permutation of all rows and takes its own
+    equal slice of it, so the shards are disjoint, equally long (the MultiWorkerMirroredStrategy
+    steps must match; the remainder of n / world rows is left out this epoch) and reshuffled each
+    epoch. Without a seed (validation) every worker gets all rows in order.
+    """
+    n = table.num_rows
+    labels = table.column("label").to_numpy().astype(np.int32)
+    features = table.column("features").combine_chunks().flatten().to_numpy().reshape(n, -1)
+    if seed is None:
+        rows = np.arange(n)
+    else:
+        per_worker = n // world
+        rows = np.random.default_rng(seed).permutation(n)[rank * per_worker:(rank + 1) * per_worker]
+    for start in range(0, len(rows), batch_size):
+        picked = rows[start:start + batch_size]
+        yield {"features": features[picked], "label": labels[picked]}
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
@@ -164,26 +188,42 @@ def train_loop_per_worker(config: dict) -> dict | None:
         per_replica = strategy.run(lambda: tf.identity(values))
         return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
 
+    # ---- data: cached embeddings from the object store, or Ray Data shards of decoded images ------
+    if end_to_end:
+        train_shard = ray.train.get_dataset_shard("train")
+
+        def train_batches(epoch: int):
+            return train_shard.iter_tf_batches(batch_size=config["per_worker_batch_size"],
+                                               local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                               local_shuffle_seed=config["seed"] * 1000 + epoch * world + rank)
+
+        def val_batches():
+            return ray.train.get_dataset_shard("val").iter_tf_batches(batch_size=VAL_BATCH_SIZE)
+    else:
+        train_table, val_table = ray.get(config["feature_refs"]["train"]), ray.get(config["feature_refs"]["val"])
+
+        def train_batches(epoch: int):
+            return cached_batches(train_table, rank, world, config["per_worker_batch_size"],
+                                  seed=config["seed"] * 1000 + epoch)
+
+        def val_batches():
+            return cached_batches(val_table, rank, world, VAL_BATCH_SIZE, seed=None)
+
     def evaluate(model) -> tuple[np.ndarray, np.ndarray]:
         """Logits and labels of the whole validation set (every worker sees all of it)."""
         logits, labels = [], []
-        for batch in ray.train.get_dataset_shard("val").iter_tf_batches(batch_size=VAL_BATCH_SIZE):
-            logits.append(forward(model, batch).numpy())
-            labels.append(batch["label"].numpy())
+        for batch in val_batches():
+            logits.append(np.asarray(forward(model, batch)))
+            labels.append(np.asarray(batch["label"]))
         return np.concatenate(logits).astype(np.float64), np.concatenate(labels).astype(np.int64)
 
     # ---- epochs --------------------------------------------------------------------------------
-    train_shard = ray.train.get_dataset_shard("train")
     for epoch in range(state["epoch"] + 1, config["epochs"] + 1):
         if state["stopped_early"]:
             break
         started = time.perf_counter()
         totals = np.zeros(3)
-        for batch in train_shard.iter_tf_batches(
-            batch_size=config["per_worker_batch_size"],
-            local_shuffle_buffer_size=SHUFFLE_BUFFER,
-            local_shuffle_seed=config["seed"] * 1000 + epoch * world + rank,
-        ):
+        for batch in train_batches(epoch):
             totals += np.array([float(v) for v in train_step(batch)])
         logits, labels = evaluate(logits_model)
         val_loss = float(np.mean(loss_fn(labels, logits)))

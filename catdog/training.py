@@ -112,13 +112,12 @@ def _cached_datasets(train: LabelledImages, val: LabelledImages, config: TrainCo
         train, val, spec.to_dict(), fast_extractor, fingerprint, config.feature_cache_dir,
         use_gpu=config.use_gpu, actors=config.num_workers, cpus_per_actor=config.cpus_per_worker,
     )
-    chunk = 256  # rows per block, so the train set splits into equal shards without one huge block
-    datasets = {
-        name: ray.data.from_arrow([table.slice(i, chunk) for i in range(0, max(table.num_rows, 1), chunk)])
-        for name, table in (("train", features.train), ("val", features.val))
-    }
+    # Embeddings are small (8 KB per image): the workers read them from the object store, with no
+    # Ray Data split coordinator to start (catdog.train_loop.cached_batches shards them).
+    refs = {"train": ray.put(features.train.select(["label", "features"])),
+            "val": ray.put(features.val.select(["label", "features"]))}
     cache = {"location": features.location, "reused": features.reused, "computed": features.computed}
-    return datasets, features.skipped, features.train.num_rows, features.val.num_rows, cache
+    return refs, features.skipped, features.train.num_rows, features.val.num_rows, cache
 
 
 def trainer_class():
@@ -147,7 +146,7 @@ def trainer_class():
     return CatdogTensorflowTrainer
 
 
-def _fit(config: TrainConfig, loop_config: dict, datasets: dict, run_name: str):
+def _fit(config: TrainConfig, loop_config: dict, datasets: dict | None, run_name: str):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
 
@@ -174,7 +173,7 @@ def _fit(config: TrainConfig, loop_config: dict, datasets: dict, run_name: str):
             logging_config=LoggingConfig(log_level="WARNING"),  # no per-report "Checkpoint created" lines
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"]) if datasets else None,
     )
     return trainer.fit(), storage.join(checkpoint_root, run_name, WORKER_LOG)
 
@@ -253,10 +252,12 @@ def train(config: TrainConfig) -> TrainResult:
     step = time.perf_counter()
     cache = None
     if config.mode == "cached":
-        datasets, skipped, n_train, n_val, cache = _cached_datasets(train_images, val_images, config, spec,
-                                                                    fast_extractor, fingerprint)
+        feature_refs, skipped, n_train, n_val, cache = _cached_datasets(train_images, val_images, config, spec,
+                                                                        fast_extractor, fingerprint)
+        datasets = None
     else:
         datasets, skipped, n_train, n_val = _decoded_datasets(train_images, val_images, config)
+        feature_refs = None
     timings["data_s"] = time.perf_counter() - step
     if skipped:
         logger.warning("Skipping %d unreadable image(s), listed in metrics.json", len(skipped))
@@ -269,6 +270,7 @@ def train(config: TrainConfig) -> TrainResult:
         "backbone_seed": BACKBONE_SEED, "backbone_fingerprint": fingerprint, "epochs": config.epochs,
         "learning_rate": config.learning_rate, "patience": config.patience, "augment": config.augment, "use_gpu": config.use_gpu,
         "per_worker_batch_size": config.per_worker_batch_size,
+        "feature_refs": feature_refs,  # cached mode: object refs of the train/val embeddings
     }
     step = time.perf_counter()
     result, worker_log = _fit(config, loop_config, datasets, f"train-{run_id}")
