@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "catdog-dev"
 RESULTS = ROOT / "benchmarks" / "results"
 PRECISIONS = ("float32", "bfloat16")
+TUTORIAL_BATCH_SIZE = 32  # the tutorial's image_dataset_from_directory default
 
 
 # ---- process-tree memory --------------------------------------------------------------------
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000, help="images for the tutorial and jobs.score runs")
     parser.add_argument("--image-size", type=int, default=180)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="ceiling and jobs.score batch (default: jobs.score's CPU default); the tutorial keeps its 32")
     parser.add_argument("--ceiling-images", type=int, default=640, help="images timed for each ceiling")
     parser.add_argument("--model", default=None, help="a run folder (default: a random-weight ResNet50)")
     parser.add_argument("--only", default=None, help="comma list: ceiling_float32,ceiling_bfloat16,tutorial,"
@@ -240,6 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--args", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.batch_size is None and not args.worker:
+        sys.path.insert(0, str(ROOT))
+        from catdog.score_config import DEFAULT_CPU_BATCH_SIZE
+
+        args.batch_size = DEFAULT_CPU_BATCH_SIZE
     if args.worker:
         sys.path.insert(0, str(ROOT))
         {"build": worker_build, "ceiling": worker_ceiling, "tutorial": worker_tutorial}[args.worker](
@@ -291,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
                 results[name] = before
         if wanted is None or "tutorial" in wanted:
             measured = run_measured(worker("tutorial", run=run, folder=str(folder), out=str(workdir / "t.parquet"),
-                                           batch_size=args.batch_size))
+                                           batch_size=TUTORIAL_BATCH_SIZE))
             results["tutorial"] = {**_last_json(measured.pop("stdout")), **measured, "load_average": os.getloadavg()[0]}
             results["tutorial"]["cpu_ms_per_image"] = round(1000 * measured["cpu_s"] / results["tutorial"]["images"], 1)
             _report("tutorial", results["tutorial"])

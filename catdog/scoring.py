@@ -11,7 +11,7 @@ decoding (Pillow) -- never in the model call.
 Memory, per process: a decode task holds one batch of decoded pixels (batch x size^2 x 3 bytes)
 plus one full-size image while decoding it (bounded by --max-image-pixels: 100 MP x 3 B = 0.3 GB at
 the default; JPEGs decode at reduced scale). A predictor actor holds TensorFlow, the model and one
-batch of activations (ResNet50, 180 px, batch 32: ~1.5 GB on CPU in all). When the object store
+batch of activations (ResNet50, 180 px, batch 64: peak 1.4 GB on CPU in all, float32). When the object store
 fills, Ray Data backpressures the decode stage and Ray spills objects to disk rather than failing.
 Decoded pixels in flight are capped per run (`object_store_budget`), so memory does not grow with
 the number of images.

@@ -70,7 +70,7 @@ def test_score_config_refuses_inconsistent_settings(kw):
 
 def test_score_config_defaults():
     cpu, gpu = ScoreConfig("m", "i", "o"), ScoreConfig("m", "i", "o", use_gpu=True)
-    assert (cpu.effective_batch_size, gpu.effective_batch_size) == (32, 128)
+    assert (cpu.effective_batch_size, gpu.effective_batch_size) == (64, 128)
     assert cpu.to_dict()["precision"] == "float32"
 
 
