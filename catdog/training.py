@@ -102,8 +102,9 @@ def _decoded_datasets(train: LabelledImages, val: LabelledImages, config: TrainC
     return {"train": train_ds, "val": val_ds}, skipped, train_ds.count(), val_ds.count()
 
 
-def _cached_datasets(train: LabelledImages, val: LabelledImages, config: TrainConfig, spec, fast_extractor,
+def _cached_features(train: LabelledImages, val: LabelledImages, config: TrainConfig, spec, fast_extractor,
                      fingerprint: str):
+    """Cached mode: embeddings (reused or computed), as object refs of the train/val tables."""
     import ray
 
     from catdog.features import build_features
@@ -252,7 +253,7 @@ def train(config: TrainConfig) -> TrainResult:
     step = time.perf_counter()
     cache = None
     if config.mode == "cached":
-        feature_refs, skipped, n_train, n_val, cache = _cached_datasets(train_images, val_images, config, spec,
+        feature_refs, skipped, n_train, n_val, cache = _cached_features(train_images, val_images, config, spec,
                                                                         fast_extractor, fingerprint)
         datasets = None
     else:
