@@ -34,14 +34,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     """Where and how the model runs: the flags jobs.score and jobs.evaluate share."""
-    from catdog.score_config import PRECISIONS
+    from catdog.score_config import DEFAULT_CPU_BATCH_SIZE, DEFAULT_GPU_BATCH_SIZE, PRECISIONS
 
     parser.add_argument("--precision", default="float32", choices=PRECISIONS,
                         help="bfloat16 is faster on AMX/AVX512-BF16 CPUs; float16 for GPUs")
     parser.add_argument("--use-gpu", action="store_true", help="run predictors on GPUs")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="predictor actors (default: 1 on CPU, every GPU with --use-gpu)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per predictor call (default 32 CPU, 128 GPU)")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"images per predictor call (default {DEFAULT_CPU_BATCH_SIZE} CPU, {DEFAULT_GPU_BATCH_SIZE} GPU)")
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
 
 

@@ -270,6 +270,7 @@ def _fold_batchnorm_config(config: dict) -> tuple[dict, dict[str, str]]:
             layer["config"] = inner
             folded.update(inner_folded)
         new_layers.append(layer)
+
     def rewire_output(output: list) -> list:  # [layer name, node index, tensor index]
         return [bn_to_conv[output[0]], 0, 0] if output[0] in bn_to_conv else output
 

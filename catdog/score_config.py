@@ -10,9 +10,9 @@ from catdog.imaging import DEFAULT_MAX_IMAGE_PIXELS
 PRECISIONS = ("float32", "bfloat16", "float16")
 PARTITION_COLUMNS = ("label",)
 
-# Rows per predictor call. 32 keeps a ResNet50 batch at 180 px within ~0.5 GB of activations on
-# CPU; GPUs want larger batches to stay busy.
-DEFAULT_CPU_BATCH_SIZE = 64  # bfloat16 on 2 cores: steady ~67 img/s at 32, ~83 at 64 (Ray's per-batch cost halves)
+# Rows per predictor call. On CPU 64 halves Ray's per-batch cost against 32 (bfloat16 on 2 cores:
+# steady ~67 -> ~83 img/s) with a predictor peak of 1.4 GB at 180 px; GPUs want larger batches.
+DEFAULT_CPU_BATCH_SIZE = 64
 DEFAULT_GPU_BATCH_SIZE = 128
 # Rows per output file (at least): ~100-200 bytes a row, so a few MB per file -- analytics-friendly,
 # while a crash loses at most this many rows of finished work (resume re-scores them).

@@ -88,17 +88,23 @@ def _build_augmenter(image_size: int):
     )
 
 
-def cached_batches(table, rank: int, world: int, batch_size: int, seed: int | None):
-    """Batches {"features", "label"} of this worker's shard of an embeddings table.
+def embedding_arrays(table) -> tuple[np.ndarray, np.ndarray]:
+    """Features [n, width] float32 and labels [n] int32 of an embeddings table (converted once)."""
+    n = table.num_rows
+    features = table.column("features").combine_chunks().flatten().to_numpy().reshape(n, -1)
+    return features, table.column("label").to_numpy().astype(np.int32)
+
+
+def cached_batches(features: np.ndarray, labels: np.ndarray, rank: int, world: int, batch_size: int,
+                   seed: int | None):
+    """Batches {"features", "label"} of this worker's shard of the embeddings.
 
     With a seed (training), every worker draws the same permutation of all rows and takes its own
     equal slice of it, so the shards are disjoint, equally long (the MultiWorkerMirroredStrategy
     steps must match; the remainder of n / world rows is left out this epoch) and reshuffled each
     epoch. Without a seed (validation) every worker gets all rows in order.
     """
-    n = table.num_rows
-    labels = table.column("label").to_numpy().astype(np.int32)
-    features = table.column("features").combine_chunks().flatten().to_numpy().reshape(n, -1)
+    n = len(labels)
     if seed is None:
         rows = np.arange(n)
     else:
@@ -200,14 +206,15 @@ def train_loop_per_worker(config: dict) -> dict | None:
         def val_batches():
             return ray.train.get_dataset_shard("val").iter_tf_batches(batch_size=VAL_BATCH_SIZE)
     else:
-        train_table, val_table = ray.get(config["feature_refs"]["train"]), ray.get(config["feature_refs"]["val"])
+        train_arrays = embedding_arrays(ray.get(config["feature_refs"]["train"]))
+        val_arrays = embedding_arrays(ray.get(config["feature_refs"]["val"]))
 
         def train_batches(epoch: int):
-            return cached_batches(train_table, rank, world, config["per_worker_batch_size"],
+            return cached_batches(*train_arrays, rank, world, config["per_worker_batch_size"],
                                   seed=config["seed"] * 1000 + epoch)
 
         def val_batches():
-            return cached_batches(val_table, rank, world, VAL_BATCH_SIZE, seed=None)
+            return cached_batches(*val_arrays, rank, world, VAL_BATCH_SIZE, seed=None)
 
     def evaluate(model) -> tuple[np.ndarray, np.ndarray]:
         """Logits and labels of the whole validation set (every worker sees all of it)."""

@@ -16,6 +16,7 @@ import json
 
 from catdog.cli import add_common_arguments, add_predictor_arguments, configure_logging, run_job
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

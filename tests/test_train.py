@@ -101,6 +101,26 @@ def test_bad_arguments_exit_2_before_ray_starts(tmp_path, sample_images):
     assert (taken / "model.keras").read_text() == "an earlier run"
 
 
+def test_cached_batches_give_workers_disjoint_equal_shards_reshuffled_each_epoch():
+    import pyarrow as pa
+
+    from catdog.train_loop import cached_batches, embedding_arrays
+
+    n, width = 23, 4
+    table = pa.table({"label": pa.array(np.arange(n) % 2, pa.int32()),
+                      "features": pa.FixedSizeListArray.from_arrays(pa.array(np.arange(n * width, dtype=np.float32)), width)})
+    features, labels = embedding_arrays(table)
+    assert features.shape == (n, width) and labels.dtype == np.int32
+
+    def rows(rank: int, seed: int | None) -> list[int]:  # row index = first feature / width
+        return [int(r) for b in cached_batches(features, labels, rank, 2, 5, seed) for r in b["features"][:, 0] // width]
+
+    shards = [rows(0, 7), rows(1, 7)]
+    assert len(shards[0]) == len(shards[1]) == n // 2 and not set(shards[0]) & set(shards[1])
+    assert rows(0, 8) != shards[0]  # another epoch, another permutation
+    assert rows(0, None) == rows(1, None) == list(range(n))  # validation: every worker, every row
+
+
 def test_help_lists_every_flag_of_the_issue():
     result = _run_cli("--help", timeout=60)
     assert result.returncode == 0
