@@ -73,7 +73,12 @@ class FeatureEmbedder:
         self.extractor = keras.Model.from_config(extractor_config)
         self.extractor.set_weights(ray.get(weights_ref[0]))  # in a list: Ray resolves only top-level refs
         self.width = int(np.prod(self.extractor.output_shape[1:]))
-        self.forward = tf.function(lambda pixels: self.extractor(pixels, training=False))
+        # One trace for every batch length (the last batch, batches with unreadable files): each
+        # new shape would otherwise trace ResNet50 again (~1 s).
+        self.forward = tf.function(
+            lambda pixels: self.extractor(pixels, training=False),
+            input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from catdog.imaging import read_and_decode
@@ -88,6 +93,37 @@ class FeatureEmbedder:
         return batch.select(KEY_COLUMNS).append_column("features", column).append_column(
             "error", pa.array(list(decoded["error"]), pa.string())
         )
+
+
+class FeatureHandoff:
+    """Ray actor (async): hands the embeddings' object refs to Train workers that started first.
+
+    The driver computes the embeddings while Ray Train boots its controller and workers; each
+    worker waits in `get` until the driver `put`s the refs (or `fail`s: then every waiting and
+    later worker raises, and the driver reports its own error).
+    """
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._ready = asyncio.Event()
+        self._refs: dict | None = None
+        self._error: str | None = None
+
+    async def put(self, refs: dict) -> None:
+        """refs: {"train": ObjectRef, "val": ObjectRef} of the label+features tables."""
+        self._refs = refs
+        self._ready.set()
+
+    async def fail(self, error: str) -> None:
+        self._error = error
+        self._ready.set()
+
+    async def get(self) -> dict:
+        await self._ready.wait()
+        if self._error is not None:
+            raise RuntimeError(f"the driver could not compute the embeddings: {self._error}")
+        return self._refs
 
 
 def _read_cache(folder: str, wanted_paths: list[str]) -> pa.Table | None:
@@ -131,7 +167,7 @@ def _compute(missing: pa.Table, extractor, image_size: int, *, use_gpu: bool, ac
 
     weights_ref = ray.put(extractor.get_weights())
     blocks = [missing.slice(start, BLOCK_ROWS) for start in range(0, missing.num_rows, BLOCK_ROWS)]
-    dataset = ray.data.from_arrow(blocks).map_batches(
+    dataset = ray.data.from_blocks(blocks).map_batches(
         FeatureEmbedder,
         fn_constructor_kwargs=dict(extractor_config=extractor.get_config(), weights_ref=[weights_ref],
                                    image_size=image_size, use_gpu=use_gpu),

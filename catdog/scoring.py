@@ -1,6 +1,6 @@
 """Batch scoring with Ray Data: listed files -> decode (CPU tasks) -> predict (actor pool) -> Parquet.
 
-    paths --from_arrow--> decode: read_and_decode, one row per file, errors kept as rows
+    paths --from_blocks--> decode: read_and_decode, one row per file, errors kept as rows
           --map_batches(Predictor, ActorPoolStrategy)--> prediction rows (predictions schema)
           --write_parquet(our file names)--> account: rows == files, no duplicates --> _SUCCESS.json
 
@@ -135,7 +135,9 @@ def run_pipeline(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: s
     pool = _actor_pool(config)
     budget = object_store_budget(todo.num_rows, batch_size, info.image_size, pool.max_size)
     with _object_store_budget(budget):
-        ds = ray.data.from_arrow(_blocks(todo, batch_size))
+        # from_blocks, not from_arrow: from_arrow runs a remote metadata task per block, which on a
+        # fresh local Ray waits for worker processes to boot (~2.5 s before the first decode).
+        ds = ray.data.from_blocks(_blocks(todo, batch_size))
         ds = ds.map_batches(
             decode_batch,
             fn_kwargs={"image_size": info.image_size, "max_pixels": config.max_image_pixels},

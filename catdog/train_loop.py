@@ -206,8 +206,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
         def val_batches():
             return ray.train.get_dataset_shard("val").iter_tf_batches(batch_size=VAL_BATCH_SIZE)
     else:
-        train_arrays = embedding_arrays(ray.get(config["feature_refs"]["train"]))
-        val_arrays = embedding_arrays(ray.get(config["feature_refs"]["val"]))
+        # refs in the config, or from the driver's handoff actor once it has computed them
+        refs = config["feature_refs"] or ray.get(config["feature_handoff"].get.remote())
+        train_arrays = embedding_arrays(ray.get(refs["train"]))
+        val_arrays = embedding_arrays(ray.get(refs["val"]))
 
         def train_batches(epoch: int):
             return cached_batches(*train_arrays, rank, world, config["per_worker_batch_size"],

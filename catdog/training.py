@@ -71,7 +71,24 @@ def _list_data(config: TrainConfig) -> tuple[LabelledImages, LabelledImages]:
     return images, list_labelled_images(config.val_data, images.class_names)
 
 
-def _decoded_datasets(train: LabelledImages, val: LabelledImages, config: TrainConfig):
+@dataclass
+class _TrainingData:
+    """What the fit reads (embedding refs or decoded datasets) and what metrics.json reports of it."""
+
+    skipped: list[dict]
+    n_train: int
+    n_val: int
+    feature_refs: dict | None = None  # cached mode: object refs of the train/val embeddings
+    datasets: dict | None = None  # end-to-end mode: Ray Datasets of decoded images
+    cache: dict | None = None
+
+    def check_enough(self, num_workers: int) -> None:
+        if self.n_train < num_workers or self.n_val == 0:
+            raise InputError(f"too few readable images: {self.n_train} train (need >= {num_workers} workers), "
+                             f"{self.n_val} validation")
+
+
+def _decoded_datasets(train: LabelledImages, val: LabelledImages, config: TrainConfig) -> _TrainingData:
     """End-to-end mode: decoded pixels for the workers, and the files that could not be decoded."""
     import ray
 
@@ -90,7 +107,7 @@ def _decoded_datasets(train: LabelledImages, val: LabelledImages, config: TrainC
     def load(images: LabelledImages):
         table = pa.table({"path": images.paths, "label": pa.array(images.labels, pa.int32())})
         blocks = [table.slice(i, DECODE_BATCH * 2) for i in range(0, table.num_rows, DECODE_BATCH * 2)]
-        decoded = ray.data.from_arrow(blocks).map_batches(
+        decoded = ray.data.from_blocks(blocks).map_batches(
             decode, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=config.cpus_per_worker
         ).materialize()
         outcomes = decoded.select_columns(["path", "readable", "error"]).take_all()
@@ -99,11 +116,11 @@ def _decoded_datasets(train: LabelledImages, val: LabelledImages, config: TrainC
 
     (train_ds, train_errors), (val_ds, val_errors) = load(train), load(val)
     skipped = sorted(({"path": e["path"], "error": e["error"]} for e in train_errors + val_errors), key=lambda e: e["path"])
-    return {"train": train_ds, "val": val_ds}, skipped, train_ds.count(), val_ds.count()
+    return _TrainingData(skipped, train_ds.count(), val_ds.count(), datasets={"train": train_ds, "val": val_ds})
 
 
 def _cached_features(train: LabelledImages, val: LabelledImages, config: TrainConfig, spec, fast_extractor,
-                     fingerprint: str):
+                     fingerprint: str) -> _TrainingData:
     """Cached mode: embeddings (reused or computed), as object refs of the train/val tables."""
     import ray
 
@@ -118,21 +135,90 @@ def _cached_features(train: LabelledImages, val: LabelledImages, config: TrainCo
     refs = {"train": ray.put(features.train.select(["label", "features"])),
             "val": ray.put(features.val.select(["label", "features"]))}
     cache = {"location": features.location, "reused": features.reused, "computed": features.computed}
-    return refs, features.skipped, features.train.num_rows, features.val.num_rows, cache
+    return _TrainingData(features.skipped, features.train.num_rows, features.val.num_rows, feature_refs=refs,
+                         cache=cache)
+
+
+def _embedding_overlaps_fit(config: TrainConfig) -> bool:
+    """Whether the cluster holds the Train workers and a full embedding actor pool at once.
+
+    Then the embeddings are computed while Ray Train boots its controller and workers (each
+    imports TensorFlow: ~13 s before the first epoch on 2 cores, measured), instead of before.
+    On a smaller cluster the two run one after the other: overlapped, the workers would hold
+    the resources the embedding actors wait for.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    both = 2 * config.num_workers  # the workers, and at most as many embedding actors
+    if total.get("CPU", 0.0) < both * config.cpus_per_worker:
+        return False
+    return not config.use_gpu or total.get("GPU", 0.0) >= both
+
+
+def _fit_while_embedding(config: TrainConfig, loop_config: dict, run_name: str, embed) -> tuple:
+    """Start the fit at once and compute the embeddings meanwhile, in a thread of this driver.
+
+    The workers wait for the embeddings at a `FeatureHandoff` actor. When `embed` fails, the
+    workers fail with it and the embedding error (an InputError: exit 2) is what is raised.
+
+    Returns:
+        (Ray Train result, worker log path, _TrainingData, seconds the embeddings took).
+    """
+    import threading
+
+    import ray
+
+    from catdog.features import FeatureHandoff
+
+    handoff = ray.remote(num_cpus=0)(FeatureHandoff).remote()
+    outcome: dict = {}
+
+    def embed_and_hand_off() -> None:
+        step = time.perf_counter()
+        try:
+            data = embed()
+            data.check_enough(config.num_workers)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread below
+            outcome["error"] = exc
+            handoff.fail.remote(f"{type(exc).__name__}: {exc}")
+            return
+        outcome["data"], outcome["seconds"] = data, time.perf_counter() - step
+        handoff.put.remote(data.feature_refs)  # refs nested in a dict travel as refs
+
+    # A daemon thread: Ctrl-C during the fit must not wait for the embedding pass to finish.
+    thread = threading.Thread(target=embed_and_hand_off, name="catdog-embeddings", daemon=True)
+    thread.start()
+    try:
+        result, worker_log = _fit(config, {**loop_config, "feature_handoff": handoff}, None, run_name)
+    except Exception:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"] from None
+        raise
+    thread.join()
+    if "error" in outcome:  # the fit cannot have succeeded without the embeddings; be safe anyway
+        raise outcome["error"]
+    return result, worker_log, outcome["data"], outcome["seconds"]
 
 
 def trainer_class():
-    """`TensorflowTrainer` without Ray Train's PlacementGroupCleaner callback.
+    """`TensorflowTrainer` without the Ray Train V2 callbacks that only cost time here.
 
-    In Ray 2.60 that callback stalls every fit for ~15 s at shutdown ("Failed to stop
-    PlacementGroupCleaner gracefully", a GetTimeoutError; measured: a 3-report no-op fit takes
-    27 s with it, 12.5 s without). It only matters when the Train controller dies while its
-    driver lives on; then the driver's `fit()` fails, the job ends, and Ray removes the job's
-    placement groups anyway. Falls back to the stock trainer if Ray's internals move.
+    - PlacementGroupCleaner: in Ray 2.60 it stalls every fit for ~15 s at shutdown ("Failed to
+      stop PlacementGroupCleaner gracefully", a GetTimeoutError; measured: a 3-report no-op fit
+      takes 27 s with it, 12.5 s without). It only matters when the Train controller dies while
+      its driver lives on; then the driver's `fit()` fails, the job ends, and Ray removes the
+      job's placement groups anyway.
+    - Datasets, when the trainer has no datasets (cached mode reads its embeddings from the object
+      store): it still starts a DatasetManager actor, one more Python process to boot (~2 s of
+      CPU) before the first epoch.
+    Falls back to the stock trainer if Ray's internals move.
     """
     from ray.train.tensorflow import TensorflowTrainer
 
     try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:
         return TensorflowTrainer
@@ -141,8 +227,8 @@ def trainer_class():
 
     class CatdogTensorflowTrainer(TensorflowTrainer):
         def _create_default_callbacks(self):
-            return [callback for callback in super()._create_default_callbacks()
-                    if not isinstance(callback, PlacementGroupCleanerCallback)]
+            unwanted = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
+            return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, unwanted)]
 
     return CatdogTensorflowTrainer
 
@@ -250,32 +336,38 @@ def train(config: TrainConfig) -> TrainResult:
 
     drop_worker_log_noise()
 
-    step = time.perf_counter()
-    cache = None
-    if config.mode == "cached":
-        feature_refs, skipped, n_train, n_val, cache = _cached_features(train_images, val_images, config, spec,
-                                                                        fast_extractor, fingerprint)
-        datasets = None
-    else:
-        datasets, skipped, n_train, n_val = _decoded_datasets(train_images, val_images, config)
-        feature_refs = None
-    timings["data_s"] = time.perf_counter() - step
-    if skipped:
-        logger.warning("Skipping %d unreadable image(s), listed in metrics.json", len(skipped))
-    if n_train < config.num_workers or n_val == 0:
-        raise InputError(f"too few readable images: {n_train} train (need >= {config.num_workers} workers), {n_val} validation")
-
-    # ---- data-parallel fit ------------------------------------------------------------------------
     loop_config = {
         "model_spec": spec.to_dict(), "mode": config.mode, "weights": config.weights_arg, "seed": config.seed,
         "backbone_seed": BACKBONE_SEED, "backbone_fingerprint": fingerprint, "epochs": config.epochs,
         "learning_rate": config.learning_rate, "patience": config.patience, "augment": config.augment, "use_gpu": config.use_gpu,
         "per_worker_batch_size": config.per_worker_batch_size,
-        "feature_refs": feature_refs,  # cached mode: object refs of the train/val embeddings
+        "feature_refs": None,  # cached mode: object refs of the train/val embeddings (or "feature_handoff")
     }
+    run_name = f"train-{run_id}"
     step = time.perf_counter()
-    result, worker_log = _fit(config, loop_config, datasets, f"train-{run_id}")
-    timings["training_s"] = time.perf_counter() - step
+
+    def embed() -> _TrainingData:
+        return _cached_features(train_images, val_images, config, spec, fast_extractor, fingerprint)
+
+    if config.mode == "cached" and _embedding_overlaps_fit(config):
+        # ---- embeddings and the data-parallel fit's start-up, side by side ------------------------
+        logger.info("Computing embeddings while Ray Train starts its workers")
+        result, worker_log, data, timings["data_s"] = _fit_while_embedding(config, loop_config, run_name, embed)
+        timings["training_s"] = time.perf_counter() - step
+        data.cache["alongside_ray_train_start"] = True
+    else:
+        data = embed() if config.mode == "cached" else _decoded_datasets(train_images, val_images, config)
+        timings["data_s"] = time.perf_counter() - step
+        data.check_enough(config.num_workers)
+        if data.cache is not None:
+            data.cache["alongside_ray_train_start"] = False
+        # ---- data-parallel fit --------------------------------------------------------------------
+        step = time.perf_counter()
+        result, worker_log = _fit(config, {**loop_config, "feature_refs": data.feature_refs}, data.datasets, run_name)
+        timings["training_s"] = time.perf_counter() - step
+    skipped, n_train, n_val = data.skipped, data.n_train, data.n_val
+    if skipped:
+        logger.warning("Skipped %d unreadable image(s), listed in metrics.json", len(skipped))
 
     # ---- temperature, final model, run files ------------------------------------------------------
     step = time.perf_counter()
@@ -304,7 +396,7 @@ def train(config: TrainConfig) -> TrainResult:
             "train_images_per_epoch": n_train // config.num_workers * config.num_workers,
             "skipped": len(skipped), "skipped_files": skipped,
         },
-        "cache": cache,
+        "cache": data.cache,
         "workers": summarise_worker_reports(read_worker_reports(worker_log), config.num_workers),
         "backbone_fingerprint": fingerprint,
     }

@@ -193,3 +193,13 @@ def test_spec_validation():
         M.ModelSpec(num_classes=2, head="attention")
     assert M.ModelSpec(2, 180, head="flatten").feature_shape == (6, 6, 2048)
     assert json.loads(json.dumps(SPEC.to_dict()))["num_classes"] == 3
+
+
+def test_tensorflow_imports_without_pyplot_which_stays_importable():
+    """Keras imports matplotlib.pyplot when it can (~0.7 s in every process that loads a model);
+    catdog hides it during TensorFlow's import and never needs it."""
+    code = ("import sys; from catdog.runtime import configure_tensorflow; configure_tensorflow(); import keras; "
+            "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; "
+            "import matplotlib.pyplot; from catdog.plots import plot_confidence; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -200,6 +200,7 @@ def test_run_folder_holds_every_artifact(two_worker_run, training_data):
     data = metrics["data"]
     assert data["train_images"] + data["val_images"] + data["skipped"] == 82
     assert metrics["cache"]["computed"] == 82 and metrics["cache"]["reused"] == 0
+    assert metrics["cache"]["alongside_ray_train_start"] is True  # 2 workers + 2 embedding actors fit 2 CPUs
     assert set(metrics["validation"]["per_class"]) == {"cats", "dogs"}
     assert np.sum(metrics["validation"]["confusion_matrix"]) == data["val_images"]
     for key in ("before", "after"):
@@ -290,8 +291,10 @@ def test_real_photos_produce_every_artifact(ray_cluster, real_photos, tmp_path):
     from catdog.training import train
 
     output = tmp_path / "real"
+    # 1.5 CPUs per worker: the worker and an embedding actor do not fit 2 CPUs together, so the
+    # embeddings are computed first and the fit starts after (the other tests overlap the two)
     train(TrainConfig(data=str(real_photos), output=str(output), weights="none", image_size=64, epochs=2,
-                      num_workers=1, cache_dir=str(tmp_path / "cache")))
+                      num_workers=1, cpus_per_worker=1.5, cache_dir=str(tmp_path / "cache")))
     for name in ARTIFACTS:
         assert (output / name).stat().st_size > 0, name
     metrics = _read(output, "metrics.json")
@@ -300,32 +303,70 @@ def test_real_photos_produce_every_artifact(ray_cluster, real_photos, tmp_path):
     assert data["train_images"] + data["val_images"] + data["skipped"] == 500
     assert 0.1 < data["val_images"] / 500 < 0.3
     assert 0.0 <= metrics["best"]["val_accuracy"] <= 1.0 and metrics["epochs_run"] <= 2
+    assert metrics["cache"]["alongside_ray_train_start"] is False
+
+
+def test_embeddings_overlap_the_fit_only_when_workers_and_embedding_actors_fit_together(ray_cluster):
+    from catdog.training import _embedding_overlaps_fit
+
+    def overlaps(**settings) -> bool:
+        return _embedding_overlaps_fit(TrainConfig(data="d", output="o", **settings))
+
+    assert ray_cluster.cluster_resources()["CPU"] == 2
+    assert overlaps(num_workers=1, cpus_per_worker=0.5) and overlaps(num_workers=2, cpus_per_worker=0.5)
+    assert not overlaps(num_workers=2, cpus_per_worker=0.75)  # 1.5 CPUs of workers + 1.5 of actors
+    assert not overlaps(num_workers=1, cpus_per_worker=0.5, use_gpu=True)  # no GPU here: never side by side
+
+
+@pytest.mark.slow
+def test_too_few_readable_images_found_while_the_fit_starts_fail_with_the_data_error(ray_cluster, training_data,
+                                                                                     tmp_path):
+    """The embeddings are computed while the Train workers start; when they reveal that nothing
+    in --val-data is readable, the waiting workers fail and the user gets the data error (exit 2),
+    not a hang and not a Ray Train failure."""
+    from catdog.errors import InputError
+    from catdog.training import train
+
+    val = tmp_path / "val"
+    for name in ("cats", "dogs"):
+        (val / name).mkdir(parents=True)
+        (val / name / "broken.jpg").write_text("not an image")
+    config = TrainConfig(data=str(training_data), val_data=str(val), output=str(tmp_path / "out"), weights="none",
+                         image_size=32, epochs=1, num_workers=1, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(InputError, match="too few readable images: 80 train .* 0 validation"):
+        train(config)
 
 
 def test_ray_train_workarounds_reach_the_controller_and_drop_the_stalling_cleaner(ray_cluster):
-    """Two Ray 2.60 Train V2 costs, pinned (README of the workarounds: catdog/training.py and
-    catdog/runtime.py): the PlacementGroupCleaner callback (a ~15 s stall at every fit's end) is
-    dropped, and the controller's 2 s poll, which each per-epoch report waits for, is shortened
+    """Ray 2.60 Train V2 costs, pinned (README of the workarounds: catdog/training.py and
+    catdog/runtime.py): the PlacementGroupCleaner callback (a ~15 s stall at every fit's end) and,
+    without datasets, the Datasets callback are dropped; the controller's 2 s poll, which each
+    per-epoch report waits for, is shortened and a local Ray's preemption watcher is off, both
     through the job's environment, which the controller actor inherits."""
     from ray.train import ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from catdog.runtime import SPEED_ENV
+    from catdog.runtime import LOCAL_RAY_ENV, SPEED_ENV
     from catdog.training import trainer_class
 
     def kinds(trainer) -> set[type]:
         return {type(callback) for callback in trainer._create_default_callbacks()}
 
     scaling = ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.25})
-    assert PlacementGroupCleanerCallback in kinds(TensorflowTrainer(lambda: None, scaling_config=scaling))
+    stock = kinds(TensorflowTrainer(lambda: None, scaling_config=scaling))
+    assert PlacementGroupCleanerCallback in stock and DatasetsCallback in stock
     ours = trainer_class()(lambda: None, scaling_config=scaling)
     assert isinstance(ours, TensorflowTrainer)
     assert PlacementGroupCleanerCallback not in kinds(ours)
+    assert DatasetsCallback not in kinds(ours)  # no datasets (cached mode): no DatasetManager actor to boot
+    with_data = trainer_class()(lambda: None, scaling_config=scaling, datasets={"train": ray_cluster.data.range(4)})
+    assert DatasetsCallback in kinds(with_data)
 
     @ray_cluster.remote(num_cpus=0)
     def job_env(name: str) -> str | None:
         return os.environ.get(name)
 
-    for name, value in SPEED_ENV.items():
+    for name, value in {**SPEED_ENV, **LOCAL_RAY_ENV}.items():  # the local Ray has no preemption watcher
         assert ray_cluster.get(job_env.remote(name)) == value
