@@ -101,9 +101,16 @@ def configure_tensorflow(use_gpu: bool = False) -> None:
         logger.warning("--use-gpu was given but TensorFlow sees no GPU in this process; running on CPU")
 
 
-def worker_runtime_env() -> dict:
-    """runtime_env for Ray tasks/actors/workers: quiet logs, and Ray Train's faster worker poll."""
-    return {"env_vars": {**QUIET_ENV, **SPEED_ENV}}
+_started_local_ray = False  # init_ray started a local Ray from this process
+
+
+def worker_runtime_env() -> dict | None:
+    """runtime_env for Ray Train's workers: quiet logs and Ray Train's faster worker poll.
+
+    None on a local Ray that `init_ray` started: its processes inherit this process' environment,
+    which holds those variables already.
+    """
+    return None if _started_local_ray else {"env_vars": {**QUIET_ENV, **SPEED_ENV}}
 
 
 # On Linux Ray replaces a loopback node address by the machine's external one and its GCS,
@@ -159,31 +166,32 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     submitted job, variables the job's runtime_env sets win over catdog's quiet defaults (Ray
     refuses to merge conflicting keys).
     """
+    global _started_local_ray
     quiet_environment()
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    job_env = _job_env_vars()
-    runtime_env = worker_runtime_env()
-    runtime_env["env_vars"] = {k: v for k, v in runtime_env["env_vars"].items() if k not in job_env}
-    kwargs: dict = {
-        "runtime_env": runtime_env,
-        "log_to_driver": True,
-        "logging_level": logging.WARNING,
-        "configure_logging": True,
-    }
+    kwargs: dict = {"log_to_driver": True, "logging_level": logging.WARNING, "configure_logging": True}
     if address:
+        job_env = _job_env_vars()
+        env_vars = {k: v for k, v in {**QUIET_ENV, **SPEED_ENV}.items() if k not in job_env}
         logger.info("Joining Ray cluster at %s", address)
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, **kwargs)
+        _started_local_ray = False
         return
+    # A local Ray's processes inherit this environment. Set here rather than as a job runtime_env,
+    # it lets tasks and actors run in the workers Ray prestarts: a runtime_env needs workers started
+    # for it, which put a 2,000-image scoring run's first batch ~3 s later (measured).
+    for key, value in {**QUIET_ENV, **SPEED_ENV, **LOCAL_RAY_ENV}.items():
+        os.environ.setdefault(key, value)
     kwargs.update(include_dashboard=False, num_cpus=num_cpus)
-    runtime_env["env_vars"].update(LOCAL_RAY_ENV)
     with _loopback_only():
         # address="local": without it ray.init joins the last `ray start` cluster recorded in
         # /tmp/ray/ray_current_cluster (and hangs when that one is gone or unreachable).
         ray.init(address="local", _node_ip_address=LOOPBACK, **kwargs)
+    _started_local_ray = True
     logger.info("Started local Ray on %s: %s", LOOPBACK, ray.cluster_resources())
     from ray.data import DataContext
 

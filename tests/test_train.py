@@ -348,7 +348,7 @@ def test_ray_train_workarounds_reach_the_controller_and_drop_the_stalling_cleane
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from catdog.runtime import LOCAL_RAY_ENV, SPEED_ENV
+    from catdog.runtime import LOCAL_RAY_ENV, SPEED_ENV, worker_runtime_env
     from catdog.training import trainer_class
 
     def kinds(trainer) -> set[type]:
@@ -370,3 +370,6 @@ def test_ray_train_workarounds_reach_the_controller_and_drop_the_stalling_cleane
 
     for name, value in {**SPEED_ENV, **LOCAL_RAY_ENV}.items():  # the local Ray has no preemption watcher
         assert ray_cluster.get(job_env.remote(name)) == value
+    # inherited, not a job runtime_env: tasks and actors can run in the workers Ray prestarts
+    assert json.loads(ray_cluster.get_runtime_context().get_runtime_env_string() or "{}") == {}
+    assert worker_runtime_env() is None
