@@ -4,6 +4,9 @@
       -> TensorflowTrainer(catdog.train_loop.train_loop_per_worker) with fault tolerance
       -> best head + fitted temperature + frozen extractor -> model.keras and run files
 
+In cached mode the embeddings are computed while Ray Train starts (the workers wait for them at a
+FeatureHandoff actor) whenever the cluster holds the workers and the embedding actors together.
+
 Everything a user can get wrong (arguments, data folder, output already there) is checked before
 Ray or TensorFlow start, so those mistakes fail in about a second with exit code 2.
 """
