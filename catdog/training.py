@@ -199,9 +199,7 @@ def _fit_while_embedding(config: TrainConfig, loop_config: dict, run_name: str, 
         if "error" in outcome:
             raise outcome["error"] from None
         raise
-    thread.join()
-    if "error" in outcome:  # the fit cannot have succeeded without the embeddings; be safe anyway
-        raise outcome["error"]
+    thread.join()  # the fit ended, so the workers got the embeddings: the thread has put them
     return result, worker_log, outcome["data"], outcome["seconds"]
 
 
@@ -352,22 +350,22 @@ def train(config: TrainConfig) -> TrainResult:
     def embed() -> _TrainingData:
         return _cached_features(train_images, val_images, config, spec, fast_extractor, fingerprint)
 
-    if config.mode == "cached" and _embedding_overlaps_fit(config):
+    overlapped = config.mode == "cached" and _embedding_overlaps_fit(config)
+    if overlapped:
         # ---- embeddings and the data-parallel fit's start-up, side by side ------------------------
         logger.info("Computing embeddings while Ray Train starts its workers")
         result, worker_log, data, timings["data_s"] = _fit_while_embedding(config, loop_config, run_name, embed)
         timings["training_s"] = time.perf_counter() - step
-        data.cache["alongside_ray_train_start"] = True
     else:
         data = embed() if config.mode == "cached" else _decoded_datasets(train_images, val_images, config)
         timings["data_s"] = time.perf_counter() - step
         data.check_enough(config.num_workers)
-        if data.cache is not None:
-            data.cache["alongside_ray_train_start"] = False
         # ---- data-parallel fit --------------------------------------------------------------------
         step = time.perf_counter()
         result, worker_log = _fit(config, {**loop_config, "feature_refs": data.feature_refs}, data.datasets, run_name)
         timings["training_s"] = time.perf_counter() - step
+    if data.cache is not None:
+        data.cache["alongside_ray_train_start"] = overlapped
     skipped, n_train, n_val = data.skipped, data.n_train, data.n_val
     if skipped:
         logger.warning("Skipped %d unreadable image(s), listed in metrics.json", len(skipped))
