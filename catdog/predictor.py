@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -65,7 +66,7 @@ def load_checked(location: str, precision: str = "float32"):
     """Load a model (safe mode) with its class names, checking that they fit each other.
 
     Returns:
-        (keras model for inference at `precision` (`catdog.model.inference_model`), ModelInfo).
+        (keras model for inference at `precision` (`catdog.model.load_inference_model`), ModelInfo).
 
     Raises:
         ModelLoadError: missing or unsafe model, missing classes.json, or a class count that does
@@ -74,7 +75,7 @@ def load_checked(location: str, precision: str = "float32"):
     from catdog import model as catdog_model
 
     class_names = load_class_names(location)
-    model = catdog_model.inference_model(catdog_model.load_model(location), precision)
+    model = catdog_model.load_inference_model(location, precision)
     input_shape, output_shape = model.input_shape, model.output_shape
     if len(input_shape) != 4 or input_shape[1] != input_shape[2] or input_shape[1] is None or input_shape[3] != 3:
         raise ModelLoadError(f"expected a model on square RGB images, got input shape {input_shape}")
@@ -143,6 +144,7 @@ class Predictor:
 
     def __init__(self, info: ModelInfo, precision: str = "float32", use_gpu: bool = False,
                  with_true_label: bool = False):
+        started = time.monotonic()
         from catdog.runtime import configure_tensorflow
 
         configure_tensorflow(use_gpu)
@@ -153,7 +155,7 @@ class Predictor:
         self._info = info
         self._class_names = np.array(info.class_names, dtype=object)
         self._schema = predictions_schema(info.class_names, with_true_label=with_true_label)
-        self._model = catdog_model.inference_model(catdog_model.load_model(info.location), precision)
+        self._model = catdog_model.load_inference_model(info.location, precision)
         if self._model.output_shape[-1] != len(info.class_names) or self._model.input_shape[1] != info.image_size:
             raise ModelLoadError(f"{info.location}: model shapes {self._model.input_shape} -> "
                                  f"{self._model.output_shape} do not fit {len(info.class_names)} classes")
@@ -165,7 +167,7 @@ class Predictor:
             reduce_retracing=True,
         )
         self._forward(tf.zeros([1, size, size, 3], tf.uint8))  # trace now, not on the first batch
-        logger.info("Predictor ready: model %s (%s)", info.model_id, precision)
+        logger.info("Predictor ready in %.1f s: model %s (%s)", time.monotonic() - started, info.model_id, precision)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities [n, classes] float32 for uint8 pixels [n, size, size, 3]."""

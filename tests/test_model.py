@@ -89,6 +89,41 @@ def test_inference_model_folds_every_batchnorm_of_resnet50_exactly(tmp_path, hea
     np.testing.assert_allclose(fast(x, training=False), saved(x, training=False), atol=1e-4)  # float32 rounding
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_inference_model_straight_from_the_archive_equals_the_two_step_load(tmp_path, precision, caplog):
+    """load_inference_model reads Keras' weights file itself; it must give exactly the weights of
+    inference_model(load_model(...)), without falling back to that two-step load."""
+    spec = M.ModelSpec(num_classes=3, image_size=64)
+    extractor = M.build_feature_extractor(spec, weights=None, seed=2)
+    _randomise_batchnorm(extractor, seed=5)
+    head = M.build_head(spec)
+    head.set_weights([np.random.default_rng(6).normal(size=w.shape) for w in head.get_weights()])
+    M.save_model(M.build_model(extractor, head), str(tmp_path / M.MODEL_FILENAME))
+    with caplog.at_level("DEBUG", logger="catdog.model"):
+        direct = M.load_inference_model(str(tmp_path), precision)
+    assert "not in the expected layout" not in caplog.text
+    two_step = M.inference_model(M.load_model(str(tmp_path)), precision)
+    assert [w.path for w in direct.weights] == [w.path for w in two_step.weights]
+    for got, expected in zip(direct.get_weights(), two_step.get_weights()):
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+    assert _layers_of(direct, keras.layers.BatchNormalization) == []
+    x = _pixels(n=2, size=64, seed=7)
+    np.testing.assert_array_equal(np.asarray(direct(x, training=False)), np.asarray(two_step(x, training=False)))
+
+
+def test_archive_with_unreadable_weights_is_a_user_error(saved_run, tmp_path):
+    run, _, _ = saved_run
+    with zipfile.ZipFile(run / M.MODEL_FILENAME) as source, \
+            zipfile.ZipFile(tmp_path / M.MODEL_FILENAME, "w") as broken:
+        for name in source.namelist():
+            broken.writestr(name, b"not hdf5" if name == "model.weights.h5" else source.read(name))
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        M.load_inference_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="precision must be one of"):
+        M.load_inference_model(str(run), "float64")
+
+
 def test_inference_model_folds_only_a_conv_that_feeds_its_batchnorm_alone():
     pixels = keras.Input((8, 8, 3))
     shared = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="shared")(pixels)
@@ -149,6 +184,8 @@ def test_lambda_layer_model_is_refused(tmp_path):
     keras.Model(inputs, outputs).save(tmp_path / M.MODEL_FILENAME)
     with pytest.raises(ModelLoadError, match="Lambda layers are refused"):
         M.load_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="Lambda layers are refused"):
+        M.load_inference_model(str(tmp_path))
 
 
 def test_random_backbone_is_identical_across_processes():
