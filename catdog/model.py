@@ -322,7 +322,7 @@ def load_inference_model(location: str, precision: str = "float32") -> keras.Mod
 
     The saved model is never built: the folded model is built from the archive's config (Keras
     safe mode) and its weights are read from the archive's weights file and folded there. That
-    builds ResNet50 once instead of twice: ~1.5 s less start-up per scoring actor (measured, see
+    builds ResNet50 once instead of twice: ~2.5 s less start-up per scoring actor (measured, see
     README "Where the time goes"). An archive whose weights file is not laid out as this Keras
     version saves it falls back to the two-step load.
 
