@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import tempfile
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from catdog import storage
-from catdog.run_folder import MODEL_FILENAME, model_file, model_id  # noqa: F401 - re-exported
+from catdog.run_folder import (  # noqa: F401 - MODEL_FILENAME, model_file, model_id re-exported
+    MODEL_FILENAME, existing_model_file, model_file, model_id, read_archive_member, saved_config)
 from catdog.errors import ModelLoadError
 from catdog.runtime import configure_tensorflow
 
@@ -185,16 +184,19 @@ def load_model(location: str) -> keras.Model:
     Raises:
         ModelLoadError: the file is missing, not a Keras model, or holds unsafe layers (Lambda).
     """
-    path = model_file(location)
-    if not storage.exists(path):
-        raise ModelLoadError(f"no model at {path} (expected a training run folder or a .keras file)")
+    path = existing_model_file(location)
     with tempfile.TemporaryDirectory(prefix="catdog-load-") as tmp:
         local = storage.copy_to_local(path, Path(tmp) / MODEL_FILENAME)
         try:
             return keras.saving.load_model(local, safe_mode=True, compile=False)
         except Exception as exc:  # noqa: BLE001 - any failure to load is the user's artifact
-            hint = " (Lambda layers are refused: catdog loads models in Keras safe mode)" if "lambda" in str(exc).lower() else ""
-            raise ModelLoadError(f"could not load model {path}: {exc}{hint}") from exc
+            raise _load_error(path, exc) from exc
+
+
+def _load_error(path: str, exc: Exception) -> ModelLoadError:
+    """The user's error for a model Keras could not load or build (safe mode refuses Lambda)."""
+    hint = " (Lambda layers are refused: catdog loads models in Keras safe mode)" if "lambda" in str(exc).lower() else ""
+    return ModelLoadError(f"could not load model {path}: {exc}{hint}")
 
 
 def inference_model(model: keras.Model, precision: str = "float32") -> keras.Model:
@@ -331,16 +333,13 @@ def load_inference_model(location: str, precision: str = "float32") -> keras.Mod
     """
     if precision not in PRECISIONS:
         raise ModelLoadError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    path = model_file(location)
-    if not storage.exists(path):
-        raise ModelLoadError(f"no model at {path} (expected a training run folder or a .keras file)")
+    path = existing_model_file(location)
     data = storage.read_bytes(path)
+    saved = saved_config(path, data)
+    weights = read_archive_member(path, data, "model.weights.h5")
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            saved = json.loads(archive.read("config.json"))
-            weights = archive.read("model.weights.h5")
         config, folded = _fold_batchnorm_config(saved["config"])
-    except (zipfile.BadZipFile, KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError) as exc:
         raise ModelLoadError(f"could not load model {path}: not a Keras 3 .keras archive ({exc})") from exc
     try:
         model = keras.saving.deserialize_keras_object(
@@ -348,8 +347,7 @@ def load_inference_model(location: str, precision: str = "float32") -> keras.Mod
             safe_mode=True,
         )
     except Exception as exc:  # noqa: BLE001 - any failure to build is the user's artifact
-        hint = " (Lambda layers are refused: catdog loads models in Keras safe mode)" if "lambda" in str(exc).lower() else ""
-        raise ModelLoadError(f"could not load model {path}: {exc}{hint}") from exc
+        raise _load_error(path, exc) from exc
     try:
         with h5py.File(io.BytesIO(weights), "r") as store:
             _assign_saved_weights(model, saved["config"], store["layers"], folded)

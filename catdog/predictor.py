@@ -15,11 +15,8 @@ in bfloat16, measured).
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
-import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -28,7 +25,7 @@ import pyarrow as pa
 
 from catdog import storage
 from catdog.errors import ImageDecodeError, InputError, ModelLoadError
-from catdog.run_folder import CLASSES_FILENAME, artifact_id, classes_file, model_file
+from catdog.run_folder import CLASSES_FILENAME, artifact_id, classes_file, existing_model_file, saved_config
 from catdog.schema import predictions_schema, prob_column
 
 logger = logging.getLogger(__name__)
@@ -94,16 +91,10 @@ def describe_model(location: str) -> ModelInfo:
         ModelLoadError: missing file, not a Keras 3 archive, a Lambda layer, no square RGB input,
             or a missing/invalid classes.json.
     """
-    path = model_file(location)
-    if not storage.exists(path):
-        raise ModelLoadError(f"no model at {path} (expected a training run folder or a .keras file)")
+    path = existing_model_file(location)
     class_names = load_class_names(location)
     data = storage.read_bytes(path)
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            config = json.loads(archive.read("config.json"))
-    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
-        raise ModelLoadError(f"could not load model {path}: not a Keras 3 .keras archive ({exc})") from exc
+    config = saved_config(path, data)
     unsafe = sorted(set(_class_names_in(config)) & set(UNSAFE_CLASSES))
     if unsafe:
         raise ModelLoadError(f"could not load model {path}: it contains {', '.join(unsafe)} layers "
