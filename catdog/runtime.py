@@ -101,6 +101,51 @@ def configure_tensorflow(use_gpu: bool = False) -> None:
         logger.warning("--use-gpu was given but TensorFlow sees no GPU in this process; running on CPU")
 
 
+def log_from_actor() -> None:
+    """Inside a Ray actor, send catdog's INFO lines to stderr, which Ray shows in the driver.
+
+    Ray workers log at WARNING and without catdog's handler; elsewhere this changes nothing.
+    """
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return
+    catdog_logger = logging.getLogger("catdog")
+    if not catdog_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        catdog_logger.addHandler(handler)
+        catdog_logger.setLevel(logging.INFO)
+        catdog_logger.propagate = False
+
+
+def visible_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def set_tensorflow_op_threads(threads: int) -> bool:
+    """Run each TensorFlow op on at most `threads` threads (intra-op parallelism).
+
+    Takes effect only before TensorFlow runs its first op in this process; returns False (and
+    changes nothing) when it is too late, e.g. in a process that already ran a model.
+    """
+    configure_tensorflow()
+    import tensorflow as tf
+
+    if tf.config.threading.get_intra_op_parallelism_threads() == threads:
+        return True
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:  # "cannot be modified after initialization"
+        logger.debug("TensorFlow already runs here; keeping its %d intra-op threads",
+                     tf.config.threading.get_intra_op_parallelism_threads())
+        return False
+    return True
+
+
 _started_local_ray = False  # init_ray started a local Ray from this process
 
 

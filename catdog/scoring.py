@@ -76,16 +76,22 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int)
 
 
 def _actor_pool(config: ScoreConfig):
+    """The predictor pool: its size, and on CPU several batches running at once in each actor."""
     import ray
 
+    from catdog.predictor import concurrent_batches
+
+    calls = concurrent_batches(config.use_gpu)
+    # Ray Data runs an actor's calls one at a time unless told it may run them truly at once.
+    concurrency = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
     if config.num_workers is not None:
-        return ray.data.ActorPoolStrategy(size=config.num_workers)
+        return ray.data.ActorPoolStrategy(size=config.num_workers, **concurrency)
     if config.min_workers is not None:
-        return ray.data.ActorPoolStrategy(min_size=config.min_workers, max_size=config.max_workers)
+        return ray.data.ActorPoolStrategy(min_size=config.min_workers, max_size=config.max_workers, **concurrency)
     if config.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)
         return ray.data.ActorPoolStrategy(size=max(1, int(gpus // config.gpus_per_worker)))
-    return ray.data.ActorPoolStrategy(size=1)
+    return ray.data.ActorPoolStrategy(size=1, **concurrency)
 
 
 def _block_rows(total: int, batch_size: int) -> int:

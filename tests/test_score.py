@@ -428,3 +428,71 @@ def test_object_store_budget_does_not_grow_with_the_input():
     huge = object_store_budget(1_000_000_000, 32, 180, 1)  # 1,024-path blocks: 8 of them in flight
     assert huge == 8 * 1024 * 180 * 180 * 3 < 1 << 30
     assert object_store_budget(1_000, 128, 224, predictors=8) == 32 * 128 * 224 * 224 * 3 * 8  # a GPU pool
+
+
+# ---- the predictor actors: batches at once on CPU, threads per op --------------------------
+
+def test_cpu_pools_run_two_batches_per_actor_at_once_and_gpu_pools_one(tmp_path):
+    """Ray Data runs an actor's calls one at a time (a lock around the UDF) unless the pool allows
+    true multi-threading; on CPU the predictor pool must, on GPU it must not."""
+    from catdog.scoring import _actor_pool
+
+    for kw in ({}, {"num_workers": 3}, {"min_workers": 1, "max_workers": 4}):
+        pool = _actor_pool(_config(tmp_path, tmp_path, tmp_path / "out", **kw))
+        assert pool.max_concurrent_calls_per_actor == 2 and pool.enable_true_multi_threading, kw
+    gpu_pool = _actor_pool(_config(tmp_path, tmp_path, tmp_path / "out", use_gpu=True, num_workers=2))
+    assert gpu_pool.max_size == 2
+    assert gpu_pool.max_concurrent_calls_per_actor is None and not gpu_pool.enable_true_multi_threading
+
+
+@pytest.mark.slow
+def test_a_predictor_actor_splits_the_cores_between_its_concurrent_batches(ray_cluster, tiny_model_run):
+    """In its own (fresh) worker process, a CPU predictor runs each TensorFlow op on its share of
+    the cores: 1 thread per op on 2 cores, not TensorFlow's default of every core."""
+    from catdog.predictor import Predictor, describe_model
+    from catdog.runtime import visible_cores
+
+    def threads_and_batches(predictor):
+        import tensorflow as tf
+
+        return tf.config.threading.get_intra_op_parallelism_threads(), predictor.concurrent_batches
+
+    actor = ray_cluster.remote(num_cpus=0.25)(Predictor).remote(describe_model(str(tiny_model_run)), "float32")
+    try:
+        threads, batches = ray_cluster.get(actor.__ray_call__.remote(threads_and_batches), timeout=120)
+    finally:
+        ray_cluster.kill(actor)
+    assert batches == 2
+    assert threads == max(1, visible_cores() // 2)
+
+
+def test_predictor_calls_from_two_threads_equal_the_same_calls_one_at_a_time(tiny_model_run):
+    """The scoring actor calls one Predictor from two threads at once: same rows as one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from catdog.predictor import Predictor, describe_model
+
+    predictor = Predictor(describe_model(str(tiny_model_run)), "float32")
+    rng = np.random.default_rng(0)
+    batches = []
+    for k in range(6):
+        n = 5 + k
+        errors = np.array([None] * n, dtype=object)
+        errors[k % n] = "ImageDecodeError: broken"  # a failed row in every batch, at different places
+        batches.append({"path": np.array([f"b{k}/{i}.jpg" for i in range(n)], dtype=object),
+                        "image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                        "width": np.full(n, 32, np.int32), "height": np.full(n, 32, np.int32), "error": errors})
+
+    def without_time(table: pa.Table) -> pa.Table:
+        return table.drop_columns(["scored_at"])
+
+    one_by_one = [without_time(predictor(batch)) for batch in batches]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(5):
+            at_once = [without_time(t) for t in pool.map(predictor, batches)]
+            for expected, got in zip(one_by_one, at_once):
+                assert got.column_names == expected.column_names
+                assert got.column("path").equals(expected.column("path"))
+                np.testing.assert_allclose(got.column("prob_cats").to_numpy(zero_copy_only=False),
+                                           expected.column("prob_cats").to_numpy(zero_copy_only=False), atol=1e-6)
+                assert got.column("label").equals(expected.column("label"))
