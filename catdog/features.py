@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from catdog import storage
 from catdog.dataset import LabelledImages
-from catdog.runtime import configure_tensorflow
+from catdog.runtime import configure_model_actor, model_actor_pool
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class FeatureEmbedder:
     """
 
     def __init__(self, extractor_config: dict, weights_ref: list, image_size: int, use_gpu: bool):
-        configure_tensorflow(use_gpu)
+        configure_model_actor(use_gpu)  # on CPU: two batches at once, each op on half the cores
         import keras
         import ray
         import tensorflow as tf
@@ -173,7 +173,7 @@ def _compute(missing: pa.Table, extractor, image_size: int, *, use_gpu: bool, ac
                                    image_size=image_size, use_gpu=use_gpu),
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+        compute=model_actor_pool(use_gpu, min_size=1, max_size=max(1, actors)),
         num_cpus=cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
     )

@@ -8,12 +8,8 @@ model is loaded, so importing this module stays cheap.
 `describe_model` checks an artifact in the driver without TensorFlow (reading the .keras archive's
 config), so a scoring driver starts seconds sooner and ~1 GB smaller; the actors then load it.
 
-On CPU an actor runs CPU_CONCURRENT_BATCHES batches at once, each on its share of the cores.
-TensorFlow's intra-op threads meet at the end of every op (~170 per ResNet50 forward) and wait for
-the slowest; independent batches on fewer threads each do not wait for each other. Forward only,
-bfloat16, 2 cores, batch 64: one batch on 2 threads 81-85 img/s, two batches on 1 thread each
-116-120 img/s; float32 31-33 -> 41-44 img/s (two processes, one thread each). GPUs keep one batch at
-a time.
+On CPU an actor runs two batches at once, each op on half the cores
+(`catdog.runtime.configure_model_actor`); on a GPU one batch at a time.
 
 Memory: one actor holds TensorFlow (~0.5 GB), the model (ResNet50: ~0.1 GB of weights) and the
 activations of the batches in flight (ResNet50 at 180 px, batch 64, one batch: peak 1.4 GB in all
@@ -38,19 +34,6 @@ from catdog.schema import predictions_schema, prob_column
 logger = logging.getLogger(__name__)
 
 UNSAFE_CLASSES = ("Lambda",)  # layers Keras safe mode refuses: they carry Python bytecode
-CPU_CONCURRENT_BATCHES = 2
-
-
-def concurrent_batches(use_gpu: bool) -> int:
-    """Batches one predictor actor runs at once: CPU_CONCURRENT_BATCHES on CPU, 1 on a GPU."""
-    return 1 if use_gpu else CPU_CONCURRENT_BATCHES
-
-
-def cpu_threads_per_batch() -> int:
-    """TensorFlow threads per op on CPU: this node's cores shared by the concurrent batches."""
-    from catdog.runtime import visible_cores
-
-    return max(1, visible_cores() // CPU_CONCURRENT_BATCHES)
 
 
 @dataclass(frozen=True)
@@ -153,19 +136,15 @@ def _input_size(config: dict, path: str) -> int:
 class Predictor:
     """Ray Data callable class: {path, image, width, height, error[, true_label]} -> prediction rows.
 
-    Thread-safe: on CPU the actor pool calls it from `concurrent_batches(use_gpu)` threads at once.
+    Thread-safe: on CPU the actor pool calls it from `concurrent_batches` threads at once.
     """
 
     def __init__(self, info: ModelInfo, precision: str = "float32", use_gpu: bool = False,
                  with_true_label: bool = False):
         started = time.monotonic()
-        from catdog.runtime import configure_tensorflow, log_from_actor, set_tensorflow_op_threads
+        from catdog.runtime import configure_model_actor
 
-        log_from_actor()
-        configure_tensorflow(use_gpu)
-        self.concurrent_batches = concurrent_batches(use_gpu)
-        if not use_gpu:
-            set_tensorflow_op_threads(cpu_threads_per_batch())
+        self.concurrent_batches = configure_model_actor(use_gpu)
         import tensorflow as tf
 
         from catdog import model as catdog_model

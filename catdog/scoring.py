@@ -33,7 +33,7 @@ import catdog
 from catdog import imaging, inputs, output, storage
 from catdog.errors import ModelLoadError
 from catdog.predictor import ModelInfo
-from catdog.runtime import init_ray
+from catdog.runtime import init_ray, model_actor_pool
 from catdog.schema import predictions_schema
 from catdog.score_config import ScoreConfig
 
@@ -76,22 +76,17 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int)
 
 
 def _actor_pool(config: ScoreConfig):
-    """The predictor pool: its size, and on CPU several batches running at once in each actor."""
+    """The predictor pool: fixed, autoscaling, or one per GPU; on CPU each actor runs two batches at once."""
     import ray
 
-    from catdog.predictor import concurrent_batches
-
-    calls = concurrent_batches(config.use_gpu)
-    # Ray Data runs an actor's calls one at a time unless told it may run them truly at once.
-    concurrency = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
     if config.num_workers is not None:
-        return ray.data.ActorPoolStrategy(size=config.num_workers, **concurrency)
+        return model_actor_pool(config.use_gpu, size=config.num_workers)
     if config.min_workers is not None:
-        return ray.data.ActorPoolStrategy(min_size=config.min_workers, max_size=config.max_workers, **concurrency)
+        return model_actor_pool(config.use_gpu, min_size=config.min_workers, max_size=config.max_workers)
     if config.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)
-        return ray.data.ActorPoolStrategy(size=max(1, int(gpus // config.gpus_per_worker)))
-    return ray.data.ActorPoolStrategy(size=1, **concurrency)
+        return model_actor_pool(True, size=max(1, int(gpus // config.gpus_per_worker)))
+    return model_actor_pool(False, size=1)
 
 
 def _block_rows(total: int, batch_size: int) -> int:

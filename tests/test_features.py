@@ -1,4 +1,5 @@
-"""Feature cache files: folder keys and robust reading (no Ray; the Ray path is in test_train.py)."""
+"""Feature cache files: folder keys, robust reading, and embeddings from the real Ray actor pool
+(the cache in a whole training run is tested in test_train.py)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,29 @@ def test_reading_skips_staging_and_broken_parts_and_keeps_wanted_rows(tmp_path):
     assert sorted(rows.column("path").to_pylist()) == ["/d/a.jpg", "/d/c.jpg"]
     assert rows.column("features").type.list_size == 4
     assert _read_cache(str(tmp_path / "absent"), ["/d/a.jpg"]) is None
+
+
+def test_embeddings_from_the_concurrent_actor_pool_equal_the_extractor_in_process(ray_cluster, sample_images, tmp_path):
+    """The embedding actor runs two batches at once on CPU (catdog.runtime.model_actor_pool): every
+    file's features must still be the extractor's own output for that file's pixels."""
+    import tensorflow as tf
+
+    from catdog.dataset import list_labelled_images, split_train_val
+    from catdog.features import build_features
+    from catdog.imaging import decode_image
+    from catdog.model import ModelSpec, build_feature_extractor, inference_model, weights_fingerprint
+
+    spec = ModelSpec(num_classes=2, image_size=32)
+    extractor = inference_model(build_feature_extractor(spec, None, seed=0))
+    train, val = split_train_val(list_labelled_images(str(sample_images)), 0.25, seed=1)
+    features = build_features(train, val, spec.to_dict(), extractor, weights_fingerprint(extractor),
+                              str(tmp_path / "cache"), batch_size=4)
+    assert features.computed == len(train.paths) + len(val.paths) and not features.skipped
+
+    table = pa.concat_tables([features.train, features.val])
+    paths = table.column("path").to_pylist()
+    assert sorted(paths) == sorted(train.paths + val.paths)
+    pixels = np.stack([decode_image(open(p, "rb").read(), 32)[0] for p in paths]).astype(np.float32)
+    expected = np.asarray(tf.function(lambda x: extractor(x, training=False))(pixels)).reshape(len(paths), -1)
+    got = np.stack(table.column("features").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
