@@ -5,13 +5,15 @@
           --write_parquet(our file names)--> account: rows == files, no duplicates --> _SUCCESS.json
 
 Decoding runs in tasks with fractional CPUs while the predictor actors run the model, so the two
-overlap; Ray Data's streaming executor bounds what is in flight. Per-row Python happens only in
+overlap; Ray Data's streaming executor bounds what is in flight. On CPU each predictor runs two
+batches at once, each op on half the cores (`catdog.runtime.configure_model_actor`). Per-row Python happens only in
 decoding (Pillow) -- never in the model call.
 
 Memory, per process: a decode task holds one batch of decoded pixels (batch x size^2 x 3 bytes)
 plus one full-size image while decoding it (bounded by --max-image-pixels: 100 MP x 3 B = 0.3 GB at
-the default; JPEGs decode at reduced scale). A predictor actor holds TensorFlow, the model and one
-batch of activations (ResNet50, 180 px, batch 64: peak 1.4 GB on CPU in all, float32). When the object store
+the default; JPEGs decode at reduced scale). A predictor actor holds TensorFlow, the model and the
+activations of the two batches it runs at once on CPU (ResNet50, 180 px, batch 64: peak 1.6 GB in
+all in float32, 1.25 GB in bfloat16). When the object store
 fills, Ray Data backpressures the decode stage and Ray spills objects to disk rather than failing.
 Decoded pixels in flight are capped per run (`object_store_budget`), so memory does not grow with
 the number of images.
