@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from catdog.errors import CatdogError
-from catdog.runtime import quiet_environment
+from catdog.runtime import LOG_DATE_FORMAT, LOG_FORMAT, quiet_environment
 
 EXIT_USER_ERROR = 2  # bad argument, missing or empty input, output already there, unloadable model
 EXIT_FAILURE = 1  # anything unexpected; the traceback is kept
@@ -19,8 +19,8 @@ def configure_logging(verbose: bool = False) -> None:
     quiet_environment()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+        format=LOG_FORMAT,
+        datefmt=LOG_DATE_FORMAT,
         force=True,
     )
     for noisy in ("ray", "tensorflow", "absl", "h5py", "matplotlib", "PIL", "botocore", "urllib3"):

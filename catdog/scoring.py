@@ -6,8 +6,8 @@
 
 Decoding runs in tasks with fractional CPUs while the predictor actors run the model, so the two
 overlap; Ray Data's streaming executor bounds what is in flight. On CPU each predictor runs two
-batches at once, each op on half the cores (`catdog.runtime.configure_model_actor`). Per-row Python happens only in
-decoding (Pillow) -- never in the model call.
+batches at once, each op on half the cores (`catdog.runtime.configure_model_actor`). Per-row Python
+happens only in decoding (Pillow) -- never in the model call.
 
 Memory, per process: a decode task holds one batch of decoded pixels (batch x size^2 x 3 bytes)
 plus one full-size image while decoding it (bounded by --max-image-pixels: 100 MP x 3 B = 0.3 GB at
@@ -82,13 +82,14 @@ def _actor_pool(config: ScoreConfig):
     import ray
 
     if config.num_workers is not None:
-        return model_actor_pool(config.use_gpu, size=config.num_workers)
-    if config.min_workers is not None:
-        return model_actor_pool(config.use_gpu, min_size=config.min_workers, max_size=config.max_workers)
-    if config.use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        return model_actor_pool(True, size=max(1, int(gpus // config.gpus_per_worker)))
-    return model_actor_pool(False, size=1)
+        size = {"size": config.num_workers}
+    elif config.min_workers is not None:
+        size = {"min_size": config.min_workers, "max_size": config.max_workers}
+    elif config.use_gpu:
+        size = {"size": max(1, int(ray.cluster_resources().get("GPU", 0) // config.gpus_per_worker))}
+    else:
+        size = {"size": 1}
+    return model_actor_pool(config.use_gpu, **size)
 
 
 def _block_rows(total: int, batch_size: int) -> int:
