@@ -21,6 +21,9 @@ from catdog.errors import ImageDecodeError
 # its pixels are decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 
+# Bump whenever a change here alters the pixels a file decodes to: the feature cache keys on it.
+DECODER_VERSION = 1
+
 # PIL's own guard warns or raises at its global limit; we check size ourselves (header only), so
 # lift PIL's so that our limit and our error message are the ones that apply.
 Image.MAX_IMAGE_PIXELS = None
