@@ -1,14 +1,18 @@
 """The feature cache: frozen-backbone embeddings computed once with Ray Data, kept as Parquet.
 
-The backbone is frozen, so its output for a file never changes while the file, the backbone and
-the image size stay the same. Embeddings live under
+An embedding is a function of the file's bytes, the decoder, the extractor's preprocessing and
+structure, its weights and compute dtype, the image size and the feature kind. The folder name
+holds all but the file's bytes, so a change to any of them is a cache miss, never a stale hit:
 
-    <cache_dir>/<weights fingerprint>-<image size>px-<pooled|map>/part-<run id>.parquet
+    <cache_dir>/<fingerprint>-<size>px-<pooled|map>-<dtype>-decoder<N>-<EXTRACTOR_VERSION>/part-<run id>.parquet
 
-one row per file: path, file_size, mtime_ns, features (float32 list), error (null when decoded).
-A row is reused only when path, size and mtime all match the listing, and the folder name holds
-the fingerprint of the backbone's weight values, so a different backbone never reuses stale
-features. Unreadable images are cached too (with their error), so they are reported, not retried.
+(fingerprint: of the backbone's weight values; N: `catdog.imaging.DECODER_VERSION`), e.g.
+`3f9c0a51d2e4b687-180px-pooled-float32-decoder1-resnet50caffe1`. Each part holds one row per
+file: path, file_size, mtime_ns, features (float32 list), error (null when decoded). A row is
+reused only when path, size and mtime all match the listing, so a file replaced under the same
+name is embedded again. Files that failed to decode are cached with their error (the same bytes
+fail the same way), so they are reported, not retried; a read error (permissions, I/O, a file
+moved away mid-run) may not recur, so it is never cached and the next run tries again.
 
 Part files are written under `_staging/` and moved into place when complete; readers skip
 `_`-prefixed names and any part whose Parquet footer is unreadable.
@@ -25,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catdog import storage
+from catdog import imaging, storage
 from catdog.dataset import LabelledImages
 from catdog.runtime import configure_model_actor, model_actor_pool
 
@@ -34,6 +38,13 @@ logger = logging.getLogger(__name__)
 FEATURE_KINDS = {"gap": "pooled", "flatten": "map"}
 BLOCK_ROWS = 64  # files per Ray Data block: enough blocks to keep several actors busy
 KEY_COLUMNS = ["path", "file_size", "mtime_ns"]
+# Bump when the extractor computes other features from the same weights and decoded pixels: a change
+# to catdog.model's preprocessing (ResNet50's "caffe" mode: RGB -> BGR minus the ImageNet mean), the
+# backbone graph or its pooling, or how catdog.model.inference_model folds it.
+EXTRACTOR_VERSION = "resnet50caffe1"
+# Decode failures that the same bytes and decoder always repeat. Any other error (read_error, or a
+# kind added later) may be transient: it is not cached, and the next run tries the file again.
+CACHEABLE_ERRORS = frozenset({"empty_file", "not_an_image", "too_large", "truncated", "decode_error"})
 
 
 @dataclass
@@ -48,9 +59,16 @@ class FeatureSet:
     skipped: list[dict] = field(default_factory=list)  # {"path", "error"} per unreadable image
 
 
-def cache_folder(cache_dir: str, fingerprint: str, image_size: int, head: str) -> str:
-    """The cache folder for one backbone, image size and feature kind."""
-    return storage.join(cache_dir, f"{fingerprint}-{image_size}px-{FEATURE_KINDS[head]}")
+def cache_folder(cache_dir: str, fingerprint: str, image_size: int, head: str, dtype: str = "float32") -> str:
+    """The cache folder for one backbone, image size, feature kind, compute dtype, decoder and extractor version."""
+    kind = FEATURE_KINDS[head]
+    name = f"{fingerprint}-{image_size}px-{kind}-{dtype}-decoder{imaging.DECODER_VERSION}-{EXTRACTOR_VERSION}"
+    return storage.join(cache_dir, name)
+
+
+def _cacheable(error: str | None) -> bool:
+    """Whether a row's outcome may be reused: embedded, or a decode failure that would recur."""
+    return error is None or imaging.error_kind(error) in CACHEABLE_ERRORS
 
 
 class FeatureEmbedder:
@@ -81,9 +99,7 @@ class FeatureEmbedder:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from catdog.imaging import read_and_decode
-
-        decoded = read_and_decode(batch.column("path").to_pylist(), self.image_size)
+        decoded = imaging.read_and_decode(batch.column("path").to_pylist(), self.image_size)
         ok = np.array([error is None for error in decoded["error"]])
         features = np.zeros((len(ok), self.width), dtype=np.float32)
         if ok.any():
@@ -202,30 +218,25 @@ def build_features(
         spec: `ModelSpec.to_dict()` of the model being trained (image size and head decide the features).
         extractor: the feature extractor to compute with, best folded for inference
             (`catdog.model.inference_model`).
-        fingerprint: `weights_fingerprint` of the extractor as built (the cache key).
+        fingerprint: `weights_fingerprint` of the extractor as built: one part of the cache key
+            (`cache_folder`; the extractor's output dtype is another).
     """
-    folder = cache_folder(cache_dir, fingerprint, spec["image_size"], spec["head"])
+    folder = cache_folder(cache_dir, fingerprint, spec["image_size"], spec["head"], str(extractor.output.dtype))
     listed = {}
     for images in (train, val):
         for path, size, mtime in zip(images.paths, images.sizes, images.mtimes):
             listed[path] = (size, mtime)
-    cached = _read_cache(folder, list(listed))
-    index: dict[str, int] = {}
-    if cached is not None:
-        keys = zip(*(cached.column(name).to_pylist() for name in KEY_COLUMNS))
-        for row, (path, size, mtime) in enumerate(keys):
-            if listed.get(path) == (size, mtime) and path not in index:
-                index[path] = row
+    rows = _read_cache(folder, list(listed))
+    index = _reusable_rows(rows, listed) if rows is not None else {}
     reused = len(index)
     missing = [path for path in listed if path not in index]
-    rows = cached if cached is not None else None
     if missing:
         logger.info("Computing %d embeddings (%d reused from %s)", len(missing), reused, folder)
         todo = pa.table({"path": missing, "file_size": [listed[p][0] for p in missing],
                          "mtime_ns": [listed[p][1] for p in missing]}, schema=_key_schema())
         new = _compute(todo, extractor, spec["image_size"], use_gpu=use_gpu, actors=actors,
                        cpus_per_actor=cpus_per_actor, batch_size=batch_size)
-        logger.info("Wrote %s", _write_part(folder, new, uuid.uuid4().hex[:12]))
+        _cache_new_rows(folder, new)
         offset = rows.num_rows if rows is not None else 0
         for row, path in enumerate(new.column("path").to_pylist()):
             index[path] = offset + row
@@ -235,6 +246,26 @@ def build_features(
     errors = rows.column("error").to_pylist()
     skipped = [{"path": path, "error": errors[row]} for path, row in sorted(index.items()) if errors[row] is not None]
     return FeatureSet(_split_table(rows, index, train), _split_table(rows, index, val), reused, len(missing), folder, skipped)
+
+
+def _reusable_rows(cached: pa.Table, listed: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """path -> row of the cached rows still valid: same size and mtime as listed, no error that may be transient."""
+    index: dict[str, int] = {}
+    columns = zip(*(cached.column(name).to_pylist() for name in [*KEY_COLUMNS, "error"]))
+    for row, (path, size, mtime, error) in enumerate(columns):
+        if path not in index and listed.get(path) == (size, mtime) and _cacheable(error):
+            index[path] = row
+    return index
+
+
+def _cache_new_rows(folder: str, new: pa.Table) -> None:
+    """Write this run's rows to the cache, all but those with an error that may be transient (retried next run)."""
+    keep = pa.array([_cacheable(error) for error in new.column("error").to_pylist()], pa.bool_())
+    kept = new.filter(keep)
+    if kept.num_rows < new.num_rows:
+        logger.info("Not caching %d unreadable files: the next run tries them again", new.num_rows - kept.num_rows)
+    if kept.num_rows:
+        logger.info("Wrote %s", _write_part(folder, kept, uuid.uuid4().hex[:12]))
 
 
 def _key_schema() -> pa.Schema:

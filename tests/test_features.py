@@ -21,12 +21,35 @@ def _part(paths: list[str], width: int = 4) -> pa.Table:
     })
 
 
-def test_cache_folder_names_the_backbone_size_and_feature_kind(tmp_path):
+def test_cache_folder_names_everything_that_changes_an_embedding(tmp_path, monkeypatch):
+    from catdog import imaging
+    from catdog.features import EXTRACTOR_VERSION
+
     base = cache_folder(str(tmp_path), "abc123", 180, "gap")
-    assert base.endswith("abc123-180px-pooled")
+    assert base.endswith(f"abc123-180px-pooled-float32-decoder{imaging.DECODER_VERSION}-{EXTRACTOR_VERSION}")
     others = {cache_folder(str(tmp_path), "def456", 180, "gap"), cache_folder(str(tmp_path), "abc123", 64, "gap"),
-              cache_folder(str(tmp_path), "abc123", 180, "flatten")}
-    assert base not in others and len(others) == 3
+              cache_folder(str(tmp_path), "abc123", 180, "flatten"),
+              cache_folder(str(tmp_path), "abc123", 180, "gap", "bfloat16")}
+    monkeypatch.setattr(imaging, "DECODER_VERSION", imaging.DECODER_VERSION + 1)
+    others.add(cache_folder(str(tmp_path), "abc123", 180, "gap"))
+    monkeypatch.setattr("catdog.features.EXTRACTOR_VERSION", EXTRACTOR_VERSION + "x")
+    others.add(cache_folder(str(tmp_path), "abc123", 180, "gap"))
+    assert base not in others and len(others) == 6
+
+
+def test_only_errors_that_would_recur_are_reusable():
+    from catdog.features import _cacheable, _reusable_rows
+
+    rows = pa.table({
+        "path": ["/d/ok.jpg", "/d/text.jpg", "/d/cut.jpg", "/d/locked.jpg", "/d/moved.jpg", "/d/old.jpg"],
+        "file_size": pa.array([10] * 6, pa.int64()),
+        "mtime_ns": pa.array([20] * 6, pa.int64()),
+        "error": [None, "not_an_image: cannot identify", "truncated: image file is truncated",
+                  "read_error: PermissionError: denied", "read_error: FileNotFoundError: gone", None],
+    })
+    listed = {path: (10, 20) for path in rows.column("path").to_pylist()} | {"/d/old.jpg": (10, 21)}
+    assert sorted(_reusable_rows(rows, listed)) == ["/d/cut.jpg", "/d/ok.jpg", "/d/text.jpg"]
+    assert not _cacheable("some_future_kind: unknown") and _cacheable("too_large: 900 MP")
 
 
 def test_reading_skips_staging_and_broken_parts_and_keeps_wanted_rows(tmp_path):
