@@ -60,6 +60,8 @@ def generate(folder: Path, rows: int, files: int, seed: int = 0) -> None:
             "height": pa.array(np.full(n, 375, np.int32)),
             "model_id": ["0123456789abcdef"] * n,
             "scored_at": pa.array([scored_at] * n, pa.timestamp("us", tz="UTC")),
+            "file_size": pa.array(np.full(n, 50_000, np.int64)),
+            "file_modified": pa.array([scored_at] * n, pa.timestamp("us", tz="UTC")),
         }, schema=schema)
         pq.write_table(table, folder / f"part-{i:05d}.parquet")
 

@@ -200,9 +200,9 @@ def steady_state(out: Path) -> dict:
     import pyarrow.compute as pc
 
     sys.path.insert(0, str(ROOT))
-    from catdog.output import read_predictions
+    from catdog.predictions_folder import PredictionsFolder
 
-    table = read_predictions(str(out), columns=["scored_at"])
+    table = PredictionsFolder(str(out)).read(columns=["scored_at"])
     stamps = table["scored_at"].cast("int64").to_numpy()
     first, last = stamps.min(), stamps.max()
     after_first = int((stamps > first).sum())

@@ -7,12 +7,11 @@ the whole pipeline (feature cache, data-parallel training, Ray Data scoring into
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from catdog.errors import OutputExistsError
-from catdog.sample_data import generate_sample_dataset
+from catdog.sample_data import generate_sample_dataset, remove_sample_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +36,12 @@ def run_demo(config: DemoConfig) -> dict:
     from catdog.training import train
 
     workdir = Path(config.workdir).resolve()
-    if workdir.exists() and any(workdir.iterdir()):
-        if not config.overwrite:
-            raise OutputExistsError(f"{workdir} already exists; pass --overwrite to replace the demo's output")
-        shutil.rmtree(workdir)
+    if workdir.exists() and any(workdir.iterdir()) and not config.overwrite:
+        raise OutputExistsError(f"{workdir} already exists; pass --overwrite to replace the demo's output")
+    # --overwrite replaces only what the demo makes: its generated images here, and the run and
+    # predictions through the jobs' own --overwrite, which delete only catdog's files.
+    for generated in (workdir / "data" / "train", workdir / "data" / "unlabelled"):
+        remove_sample_dataset(generated)
     train_data = generate_sample_dataset(workdir / "data" / "train", images_per_class=config.images_per_class, seed=1)
     score_data = generate_sample_dataset(workdir / "data" / "unlabelled", images_per_class=20, seed=2)
     logger.info("Generated %s (training) and %s (to score)", train_data, score_data)
@@ -54,14 +55,17 @@ def run_demo(config: DemoConfig) -> dict:
             epochs=config.epochs,
             num_workers=config.num_workers,
             cache_dir=str(workdir / "feature-cache"),
+            overwrite=config.overwrite,
         )
     )
-    summary = score(ScoreConfig(model=result.output, input=str(score_data), output=str(workdir / "predictions")))
+    summary = score(ScoreConfig(model=result.output, input=str(score_data), output=str(workdir / "predictions"),
+                                overwrite=config.overwrite))
 
     import pyarrow.compute as pc
-    import pyarrow.dataset as ds
 
-    table = ds.dataset(str(workdir / "predictions"), format="parquet").to_table(columns=["path", "label"])
+    from catdog.predictions_folder import PredictionsFolder
+
+    table = PredictionsFolder(str(workdir / "predictions")).read(columns=["path", "label"])
     truth = pc.if_else(pc.match_substring(table["path"], "/cats/"), "cats", "dogs")
     accuracy = pc.mean(pc.cast(pc.equal(truth, table["label"]), "int8")).as_py()
     final = result.metrics.get("final", result.metrics)

@@ -91,6 +91,7 @@ def undo_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def _prepare_output(config: EvaluateConfig) -> None:
+    storage.refuse_unsafe_output(config.output, config.data)
     if storage.is_dir(config.output) and storage.list_files(config.output) and not config.overwrite:
         raise OutputExistsError(f"{config.output} already holds results; pass --overwrite to replace them")
     if storage.exists(config.output) and not storage.is_dir(config.output):

@@ -7,6 +7,7 @@ model sees the same pixels in every job.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from functools import lru_cache
 from typing import Sequence
@@ -21,7 +22,7 @@ from catdog.errors import ImageDecodeError
 # its pixels are decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 
-# Bump whenever a change here alters the pixels a file decodes to: the feature cache keys on it.
+# Bump when a change here alters the pixels or the error a file decodes to (limits included): caches key on it.
 DECODER_VERSION = 1
 
 # PIL's own guard warns or raises at its global limit; we check size ourselves (header only), so
@@ -98,6 +99,13 @@ def decode_image(
     return pixels, width, height
 
 
+# Files larger than this are `too_large` rows, never read: a multi-GB file named .jpg would
+# otherwise land whole in a decode worker's memory. Camera JPEGs are far smaller.
+DEFAULT_MAX_FILE_BYTES = 64 * 2**20
+# Schemes a worker can read through pyarrow; any other becomes an `unsupported_scheme` row.
+READABLE_SCHEMES = ("s3", "gs", "gcs", "file")
+
+
 @lru_cache(maxsize=64)
 def _filesystem_for(prefix: str):
     import pyarrow.fs as pafs
@@ -105,23 +113,40 @@ def _filesystem_for(prefix: str):
     return pafs.FileSystem.from_uri(prefix)[0]
 
 
-def read_file(path: str) -> bytes:
-    """Read one local file or URI, reusing one filesystem object per bucket."""
+def _too_large(size: int, max_bytes: int) -> ImageDecodeError:
+    return ImageDecodeError("too_large", f"file is {size:,} bytes, over the limit of {max_bytes:,} (--max-file-bytes)")
+
+
+def read_file(path: str, max_bytes: int | None = None) -> bytes:
+    """Read one local file or URI, reusing one filesystem object per bucket.
+
+    Raises:
+        ImageDecodeError: `too_large` when the file has more than `max_bytes` (checked before
+            reading), `unsupported_scheme` for a URI no worker can open.
+        OSError: the file cannot be read.
+    """
     if "://" in path:
         scheme, rest = path.split("://", 1)
-        if scheme == "file":
-            with open(rest, "rb") as f:
+        if scheme.lower() not in READABLE_SCHEMES:
+            raise ImageDecodeError("unsupported_scheme", f"cannot read {scheme}:// paths (readable: {READABLE_SCHEMES})")
+        if scheme.lower() != "file":
+            bucket, _, key = rest.partition("/")
+            fs = _filesystem_for(f"{scheme.lower()}://{bucket}")
+            with fs.open_input_file(f"{bucket}/{key}") as f:  # sized read: 5x faster than a stream at 5 MB
+                if max_bytes is not None and f.size() > max_bytes:
+                    raise _too_large(f.size(), max_bytes)
                 return f.read()
-        bucket, _, key = rest.partition("/")
-        fs = _filesystem_for(f"{scheme}://{bucket}")
-        with fs.open_input_file(f"{bucket}/{key}") as f:  # sized read: 5x faster than a stream at 5 MB
-            return f.read()
+        path = rest
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise _too_large(size, max_bytes)
         return f.read()
 
 
 def read_and_decode(
-    paths: Sequence[str], image_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    paths: Sequence[str], image_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
 ) -> dict[str, np.ndarray]:
     """Read and decode a batch of files; a failure is recorded per file, never raised.
 
@@ -135,11 +160,14 @@ def read_and_decode(
     errors: list[str | None] = [None] * n
     for i, path in enumerate(paths):
         try:
-            data = read_file(path)
+            data = read_file(path, max_bytes)
+        except ImageDecodeError as exc:
+            errors[i] = str(exc)
+            continue
         except IsADirectoryError as exc:
             errors[i] = f"read_error: is a directory: {exc}"
             continue
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - OSError, or pyarrow refusing a malformed URI: one bad file
             errors[i] = f"read_error: {type(exc).__name__}: {exc}"
             continue
         try:

@@ -1,7 +1,11 @@
 """The scoring input: list a folder or URI of images, or read a Parquet/CSV manifest of paths.
 
-Every listed path is normalised once, here (absolute local paths, `scheme://bucket/key` URIs), so
-the `path` column of the output, resume and accounting all compare the same strings.
+Every listed path is normalised once, here, so the `path` column of the output, resume and
+accounting all compare the same strings: local paths are absolute, under the input folder's real
+path (a folder reached through a symlink or `..` lists the same names), and URIs read
+`scheme://bucket/key`. Folder and prefix listings also give each file's size and modification
+time (`file_size`, `file_modified`), which a resume compares to rescore changed files; manifests
+leave them null (a resume then keys on the path alone).
 
 Folder policy (local folders):
 - searched recursively for `catdog.storage.IMAGE_EXTENSIONS` (case-insensitive);
@@ -21,6 +25,7 @@ import logging
 import os
 import posixpath
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,6 +38,9 @@ logger = logging.getLogger(__name__)
 MANIFEST_EXTENSIONS = (".parquet", ".csv")
 PATH_COLUMN = "path"
 TRUE_LABEL_COLUMN = "true_label"
+SIZE_COLUMN = "file_size"
+MODIFIED_COLUMN = "file_modified"
+MODIFIED_TYPE = pa.timestamp("us", tz="UTC")
 
 
 @dataclass
@@ -67,7 +75,15 @@ def normalise_path(path: str, base: str | None = None) -> str:
         if storage.is_uri(base):
             return normalise_path(posixpath.join(base.rstrip("/"), path))
         path = os.path.join(base, path)
-    return os.path.abspath(os.path.expanduser(path))
+    absolute = os.path.abspath(os.path.expanduser(path))
+    folder, name = os.path.split(absolute)
+    return os.path.join(_real_folder(folder), name)
+
+
+@lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    """The real path of a folder (symlinks resolved once per folder, not per file)."""
+    return os.path.realpath(folder)
 
 
 def list_inputs(location: str, follow_symlinks: bool = False) -> InputListing:
@@ -109,12 +125,11 @@ def _inside(path: str, root: str) -> bool:
 
 def _list_local_folder(folder: str, follow_symlinks: bool) -> InputListing:
     """Walk a local folder depth-first in sorted order, applying the symlink policy."""
-    root = os.path.abspath(os.path.expanduser(folder))
-    root_real = os.path.realpath(root)
+    root = os.path.realpath(os.path.expanduser(folder))
     wanted = tuple(storage.IMAGE_EXTENSIONS)
     skipped = {"symlink_outside_input": 0, "repeated_folder": 0, "unreadable_folder": 0}
     visited: set[str] = set()
-    paths: list[str] = []
+    files: list[tuple[str, int | None, int | None]] = []
     stack = [root]
     while stack:
         current = stack.pop()
@@ -132,7 +147,7 @@ def _list_local_folder(folder: str, follow_symlinks: bool) -> InputListing:
             continue
         subfolders = []
         for entry in entries:
-            if entry.is_symlink() and not follow_symlinks and not _inside(os.path.realpath(entry.path), root_real):
+            if entry.is_symlink() and not follow_symlinks and not _inside(os.path.realpath(entry.path), root):
                 skipped["symlink_outside_input"] += 1
                 continue
             try:
@@ -142,10 +157,28 @@ def _list_local_folder(folder: str, follow_symlinks: bool) -> InputListing:
             if is_dir:
                 subfolders.append(entry.path)
             elif entry.name.lower().endswith(wanted):
-                paths.append(os.path.normpath(entry.path))
+                files.append((os.path.normpath(entry.path), *_size_and_mtime(entry)))
         stack.extend(reversed(subfolders))
-    paths.sort()
-    return InputListing(pa.table({PATH_COLUMN: pa.array(paths, pa.string())}), "folder", skipped)
+    files.sort()
+    paths, sizes, mtimes = zip(*files) if files else ((), (), ())
+    return InputListing(_listing_table(paths, sizes, mtimes), "folder", skipped)
+
+
+def _size_and_mtime(entry: os.DirEntry) -> tuple[int | None, int | None]:
+    try:
+        stat = entry.stat(follow_symlinks=True)
+    except OSError:
+        return None, None  # a dangling link: scoring gives it an error row
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _listing_table(paths, sizes, mtimes_ns) -> pa.Table:
+    mtimes_us = [None if m is None else m // 1000 for m in mtimes_ns]
+    return pa.table({
+        PATH_COLUMN: pa.array(paths, pa.string()),
+        SIZE_COLUMN: pa.array(sizes, pa.int64()),
+        MODIFIED_COLUMN: pa.array(mtimes_us, pa.int64()).cast(MODIFIED_TYPE),
+    })
 
 
 def _list_uri(location: str) -> InputListing:
@@ -154,9 +187,10 @@ def _list_uri(location: str) -> InputListing:
         return _read_manifest(location)
     if not storage.exists(location):
         raise InputError(f"input not found: {location}")
-    entries = storage.list_files(location, storage.IMAGE_EXTENSIONS)
-    paths = sorted({normalise_path(entry.path) for entry in entries})
-    return InputListing(pa.table({PATH_COLUMN: pa.array(paths, pa.string())}), "folder")
+    entries = {normalise_path(e.path): e for e in storage.list_files(location, storage.IMAGE_EXTENSIONS)}
+    paths = sorted(entries)
+    return InputListing(_listing_table(paths, [entries[p].size for p in paths], [entries[p].mtime_ns or None for p in paths]),
+                        "folder")
 
 
 def _read_manifest(location: str) -> InputListing:
@@ -183,6 +217,8 @@ def _read_manifest(location: str) -> InputListing:
     skipped["duplicate_path"] = before - table.num_rows
     if skipped["duplicate_path"]:
         logger.warning("Manifest %s lists %d paths more than once; each is scored once", location, skipped["duplicate_path"])
+    unknown = pa.nulls(table.num_rows, pa.int64())
+    table = table.append_column(SIZE_COLUMN, unknown).append_column(MODIFIED_COLUMN, unknown.cast(MODIFIED_TYPE))
     return InputListing(table, "manifest", skipped)
 
 

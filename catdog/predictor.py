@@ -198,6 +198,10 @@ class Predictor:
         columns["model_id"] = pa.array([self._info.model_id] * n, pa.string())
         now = datetime.now(timezone.utc)
         columns["scored_at"] = pa.array([now] * n, pa.timestamp("us", tz="UTC"))
+        for name, kind in (("file_size", pa.int64()), ("file_modified", pa.timestamp("us", tz="UTC"))):
+            # The pipeline carries these as int64 with -1 for unknown (numpy batches hold no nulls).
+            known = batch.get(name, np.full(n, -1, dtype=np.int64))
+            columns[name] = pa.array(known, pa.int64(), mask=known < 0).cast(kind)
         if "true_label" in self._schema.names:
             columns["true_label"] = pa.array(batch["true_label"], pa.string())
         return pa.Table.from_pydict(columns, schema=self._schema)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -41,3 +42,24 @@ def generate_sample_dataset(
             suffix = "png" if i % 5 == 0 else "jpg"
             image.save(folder / f"{name}_{i:04d}.{suffix}")
     return root
+
+
+def remove_sample_dataset(root: str | Path, classes: Sequence[str] = ("cats", "dogs")) -> int:
+    """Delete the files `generate_sample_dataset` writes under `root` (and folders left empty); keep
+    anything else. Returns the number of files deleted."""
+    root = Path(root)
+    deleted = 0
+    for name in classes:
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        generated = re.compile(rf"^{re.escape(name)}_\d{{4}}\.(png|jpg)$")
+        for path in folder.iterdir():
+            if path.is_file() and not path.is_symlink() and generated.match(path.name):
+                path.unlink()
+                deleted += 1
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+    return deleted

@@ -18,6 +18,9 @@ TRAILING_FIELDS = [
     pa.field("height", pa.int32()),
     pa.field("model_id", pa.string(), nullable=False),  # hash of the model artifact
     pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    # What the file was when listed; a resume rescores a file whose size or time changed. Null when unknown.
+    pa.field("file_size", pa.int64()),
+    pa.field("file_modified", pa.timestamp("us", tz="UTC")),
 ]
 PROB_PREFIX = "prob_"
 TRUE_LABEL_FIELD = pa.field("true_label", pa.string())  # added by jobs.evaluate only

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from catdog.errors import CatdogError
-from catdog.imaging import DEFAULT_MAX_IMAGE_PIXELS
+from catdog.imaging import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 PARTITION_COLUMNS = ("label",)
@@ -38,6 +38,8 @@ class ScoreConfig:
     resume: bool = False
     partition_by: str | None = None  # "label": hive folders label=<class>/ (errors: __HIVE_DEFAULT_PARTITION__)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    drop_unlisted: bool = False  # --resume: remove rows of paths the input no longer lists
     follow_symlinks: bool = False
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     ray_address: str | None = None
@@ -69,6 +71,10 @@ class ScoreConfig:
             raise CatdogError("--min-workers must be <= --max-workers")
         if self.max_image_pixels < 1:
             raise CatdogError("--max-image-pixels must be >= 1")
+        if self.max_file_bytes < 1:
+            raise CatdogError("--max-file-bytes must be >= 1")
+        if self.drop_unlisted and not self.resume:
+            raise CatdogError("--drop-unlisted goes with --resume")
         if self.rows_per_file < 1:
             raise CatdogError("--rows-per-file must be >= 1")
 

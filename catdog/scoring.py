@@ -32,9 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import catdog
-from catdog import imaging, inputs, output, storage
+from catdog import imaging, inputs
 from catdog.errors import ModelLoadError
 from catdog.predictor import ModelInfo
+from catdog.predictions_folder import AccountingError, PredictionsFolder, new_run_id, now_iso, plan_resume
 from catdog.runtime import init_ray, model_actor_pool
 from catdog.schema import predictions_schema
 from catdog.score_config import ScoreConfig
@@ -57,20 +58,22 @@ TARGET_BLOCKS = 200
 MIN_OBJECT_STORE_BUDGET = 512 * 2**20
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int) -> pa.Table:
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, max_pixels: int, max_bytes: int) -> pa.Table:
     """Read and decode a batch of paths; every path gives one row (pixels, or an error).
 
     Returns an Arrow table with explicit types, so an all-null `error` column stays a string column.
     """
     from ray.data.extensions import ArrowTensorArray
 
-    decoded = imaging.read_and_decode(list(batch["path"]), image_size, max_pixels)
+    decoded = imaging.read_and_decode(list(batch["path"]), image_size, max_pixels, max_bytes)
     columns = {
         "path": pa.array(batch["path"], pa.string()),
         "image": ArrowTensorArray.from_numpy(decoded["image"]),
         "width": pa.array(decoded["width"], pa.int32()),
         "height": pa.array(decoded["height"], pa.int32()),
         "error": pa.array(list(decoded["error"]), pa.string()),
+        inputs.SIZE_COLUMN: pa.array(batch[inputs.SIZE_COLUMN], pa.int64()),
+        inputs.MODIFIED_COLUMN: pa.array(batch[inputs.MODIFIED_COLUMN], pa.int64()),
     }
     if inputs.TRUE_LABEL_COLUMN in batch:
         columns[inputs.TRUE_LABEL_COLUMN] = pa.array(batch[inputs.TRUE_LABEL_COLUMN], pa.string())
@@ -124,6 +127,14 @@ def _object_store_budget(budget: int):
         options.resource_limits = saved
 
 
+def _pipeline_columns(todo: pa.Table) -> pa.Table:
+    """The listing as the pipeline carries it: file size and time as int64, -1 where unknown."""
+    size = pc.fill_null(todo[inputs.SIZE_COLUMN], -1)
+    modified = pc.fill_null(todo[inputs.MODIFIED_COLUMN].cast(pa.int64()), -1)
+    return (todo.set_column(todo.schema.get_field_index(inputs.SIZE_COLUMN), inputs.SIZE_COLUMN, size)
+            .set_column(todo.schema.get_field_index(inputs.MODIFIED_COLUMN), inputs.MODIFIED_COLUMN, modified))
+
+
 def run_pipeline(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: str) -> None:
     """Score the `todo` paths into new part files of `config.output`."""
     import ray
@@ -141,10 +152,11 @@ def run_pipeline(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: s
     with _object_store_budget(budget):
         # from_blocks, not from_arrow: from_arrow runs a remote metadata task per block, which on a
         # fresh local Ray waits for worker processes to boot (~2.5 s before the first decode).
-        ds = ray.data.from_blocks(_blocks(todo, batch_size))
+        ds = ray.data.from_blocks(_blocks(_pipeline_columns(todo), batch_size))
         ds = ds.map_batches(
             decode_batch,
-            fn_kwargs={"image_size": info.image_size, "max_pixels": config.max_image_pixels},
+            fn_kwargs={"image_size": info.image_size, "max_pixels": config.max_image_pixels,
+                       "max_bytes": config.max_file_bytes},
             batch_size=batch_size,
             batch_format="numpy",
             num_cpus=DECODE_CPUS,
@@ -158,11 +170,11 @@ def run_pipeline(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: s
             batch_format="numpy",
             **predictor_resources,
         )
-        fs, root = storage.resolve(config.output)
+        folder = PredictionsFolder(config.output)
         ds.write_parquet(
-            root,
-            filesystem=fs,
-            filename_provider=output.PartFilenameProvider(run_id),
+            folder.root,
+            filesystem=folder.fs,
+            filename_provider=folder.filename_provider(run_id),
             partition_cols=[config.partition_by] if config.partition_by else None,
             min_rows_per_file=config.rows_per_file,
             ray_remote_args={"num_cpus": WRITE_CPUS},
@@ -193,11 +205,14 @@ def score(config: ScoreConfig) -> dict:
     Raises:
         InputError: missing or empty input (nothing is written).
         ModelLoadError: missing, unsafe or inconsistent model (nothing is written).
-        OutputExistsError: output not empty and neither overwrite nor resume asked.
-        output.AccountingError: the written rows do not match the listed files (exit 1).
+        OutputExistsError: output not empty and neither overwrite nor resume asked, or an output
+            that is a root, the home folder, or overlaps the input (nothing is written).
+        AccountingError: the written rows do not match the listed files (exit 1).
     """
     started = time.monotonic()
-    output.refuse_existing(config.output, overwrite=config.overwrite, resume=config.resume)
+    folder = PredictionsFolder(config.output)
+    folder.refuse_unsafe(config.input)
+    folder.refuse_existing(overwrite=config.overwrite, resume=config.resume)
     listing = inputs.list_inputs(config.input, follow_symlinks=config.follow_symlinks)
     return score_listing(config, listing, started)
 
@@ -207,19 +222,22 @@ def score_listing(config: ScoreConfig, listing: inputs.InputListing, started: fl
     from catdog.predictor import describe_model
 
     started = time.monotonic() if started is None else started
-    run_id = output.new_run_id()
+    folder = PredictionsFolder(config.output)
+    folder.refuse_unsafe(config.input)
+    run_id = new_run_id()
     info = describe_model(config.model)
     schema = predictions_schema(info.class_names, with_true_label=listing.has_true_label)
     run_info = {
-        "run_id": run_id, "started_at": output.now_iso(), "model": config.model, "model_id": info.model_id,
+        "run_id": run_id, "started_at": now_iso(), "model": config.model, "model_id": info.model_id,
         "class_names": list(info.class_names), "partition_by": config.partition_by,
         "with_true_label": listing.has_true_label, "input": config.input, "catdog_version": catdog.__version__,
     }
-    state = output.prepare_output(config.output, overwrite=config.overwrite, resume=config.resume,
-                                  run_info=run_info, schema=schema)
-    todo = listing.table
-    if len(state.done_paths):
-        todo = todo.filter(pc.invert(pc.is_in(todo["path"], value_set=state.done_paths)))
+    state = folder.prepare(overwrite=config.overwrite, resume=config.resume, run_info=run_info, schema=schema)
+    plan = plan_resume(listing.table, state.done)
+    _report_changed_input(plan, config)
+    replaced = folder.remove_rows(pa.concat_arrays([plan.changed, plan.unlisted]) if config.drop_unlisted
+                                  else plan.changed, run_id, schema)
+    todo = plan.todo
     logger.info("Run %s: scoring %d of %d files from %s into %s (%s, batch %d)", run_id, todo.num_rows,
                 listing.num_files, config.input, config.output, config.precision, config.effective_batch_size)
     if todo.num_rows:
@@ -227,15 +245,16 @@ def score_listing(config: ScoreConfig, listing: inputs.InputListing, started: fl
         try:
             _run_reporting_model_errors(todo, config, info, run_id)
         except ModelLoadError:
-            output.discard_if_empty(config.output, state.created)  # no trace of a run that wrote no row
+            folder.discard_if_empty(state.created)  # no trace of a run that wrote no row
             raise
     listed = listing.table["path"].combine_chunks()
+    kept_unlisted = None if config.drop_unlisted else plan.unlisted
     try:
-        counts = output.account(config.output, listed)
-    except output.AccountingError:
-        if not output.drop_superseded_files(config.output, run_id):
+        counts = folder.account(listed, kept_unlisted)
+    except AccountingError:
+        if not folder.drop_superseded_files(run_id):
             raise
-        counts = output.account(config.output, listed)
+        counts = folder.account(listed, kept_unlisted)
     wall = time.monotonic() - started
     summary = {
         **run_info,
@@ -246,13 +265,26 @@ def score_listing(config: ScoreConfig, listing: inputs.InputListing, started: fl
         **counts,
         "rows_scored_this_run": todo.num_rows,
         "rows_from_earlier_runs": listing.num_files - todo.num_rows,
+        "rescored_changed_files": len(plan.changed),
+        "rows_removed": replaced,
         "quarantined_files": state.quarantined,
-        "finished_at": output.now_iso(),
+        "finished_at": now_iso(),
         "wall_time_s": round(wall, 3),
         "images_per_s": round(todo.num_rows / wall, 3) if wall > 0 else None,
         "schema": {f.name: str(f.type) for f in schema},
     }
-    output.write_success(config.output, summary)
+    folder.write_success(summary)
     logger.info("Run %s done: %d rows (%d errors %s) in %.1f s, %.1f images/s", run_id, summary["rows_written"],
                 summary["errors"], summary["errors_by_kind"], wall, summary["images_per_s"] or 0.0)
     return summary
+
+
+def _report_changed_input(plan, config: ScoreConfig) -> None:
+    if len(plan.changed):
+        logger.warning("--resume: %d files changed since they were scored (size or time); scoring them again",
+                       len(plan.changed))
+    if len(plan.unlisted):
+        action = "removing their rows (--drop-unlisted)" if config.drop_unlisted else (
+            "their rows are kept and left out of the check (pass --drop-unlisted to remove them)")
+        logger.warning("--resume: %d paths with rows are no longer listed in %s (e.g. %s); %s", len(plan.unlisted),
+                       config.input, plan.unlisted[0].as_py(), action)

@@ -10,12 +10,15 @@ use instance profiles for credentials).
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import pyarrow.fs as pafs
+
+from catdog.errors import OutputExistsError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -143,3 +146,42 @@ def copy_to_local(location: str, local_path: str | Path) -> Path:
     local_path.parent.mkdir(parents=True, exist_ok=True)
     local_path.write_bytes(read_bytes(location))
     return local_path
+
+
+def refuse_unsafe_output(output: str, input_location: str) -> None:
+    """Refuse an output that is a root, the home folder (or holds it), or overlaps the input.
+
+    Raises:
+        OutputExistsError: as above; call it before anything is read or written.
+    """
+    where = _comparable(output)
+    if is_uri(output):
+        if "/" not in where.split("://", 1)[1]:
+            raise OutputExistsError(f"output {output} is a bucket root; give a folder inside it")
+    else:
+        if os.path.dirname(where) == where:
+            raise OutputExistsError(f"output {output} is a filesystem root; give a folder of its own")
+        if _inside(_comparable(os.path.expanduser("~")), where):
+            raise OutputExistsError(f"output {output} is or holds the home folder; give a folder of its own")
+    source = _comparable(input_location)
+    if _inside(where, source) or _inside(source, where):
+        raise OutputExistsError(f"output {output} overlaps the input {input_location}: results and inputs must not "
+                                "share a folder; give an output outside the input")
+
+
+def _comparable(location: str) -> str:
+    """A location spelled for prefix comparison: real local paths, lower-case schemes, no trailing slash."""
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    if is_uri(location):
+        scheme, rest = location.split("://", 1)
+        return f"{scheme.lower()}://{posixpath.normpath(rest.strip('/') or '/').strip('/')}"
+    return os.path.realpath(os.path.expanduser(location))
+
+
+def _inside(path: str, folder: str) -> bool:
+    """True when `path` equals `folder` or lies under it (both from `_comparable`)."""
+    if path == folder:
+        return True
+    separator = "/" if is_uri(folder) or folder.endswith("/") else os.sep
+    return path.startswith(folder.rstrip("/") + separator) if folder != "/" else path.startswith("/")

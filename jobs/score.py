@@ -32,10 +32,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--partition-by", choices=("label",), default=None, help="write hive folders label=<class>/")
     parser.add_argument("--max-image-pixels", type=int, default=None,
                         help="refuse images with more pixels than this (decompression bombs; default 100,000,000)")
+    parser.add_argument("--max-file-bytes", type=int, default=None,
+                        help="files larger than this become 'too_large' rows without being read (default 64 MiB)")
     parser.add_argument("--follow-symlinks", action="store_true", help="follow symlinks that lead outside --input")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="delete catdog's files in --output first (others are kept)")
-    group.add_argument("--resume", action="store_true", help="score only the files --output does not hold yet")
+    group.add_argument("--resume", action="store_true",
+                       help="score only the files --output does not hold yet, and files changed since their row")
+    parser.add_argument("--drop-unlisted", action="store_true",
+                        help="with --resume: remove rows of paths the input no longer lists (default: keep and report)")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -47,13 +52,14 @@ def main(argv: list[str] | None = None) -> None:
         from catdog.score_config import ScoreConfig
         from catdog.scoring import score
 
-        optional = {name: getattr(args, name) for name in ("max_image_pixels", "rows_per_file")
+        optional = {name: getattr(args, name) for name in ("max_image_pixels", "max_file_bytes", "rows_per_file")
                     if getattr(args, name) is not None}
         summary = score(ScoreConfig(
             model=args.model, input=args.input, output=args.output, precision=args.precision,
             use_gpu=args.use_gpu, gpus_per_worker=args.gpus_per_worker, num_workers=args.num_workers,
             min_workers=args.min_workers, max_workers=args.max_workers, batch_size=args.batch_size,
-            overwrite=args.overwrite, resume=args.resume, partition_by=args.partition_by,
+            overwrite=args.overwrite, resume=args.resume, drop_unlisted=args.drop_unlisted,
+            partition_by=args.partition_by,
             follow_symlinks=args.follow_symlinks, ray_address=args.ray_address, **optional,
         ))
         print(json.dumps(summary, indent=2, sort_keys=True, default=str))

@@ -93,7 +93,7 @@ def test_parquet_manifest_with_true_label_relative_paths_and_duplicates(tmp_path
     }), manifest)
     listing = list_inputs(str(manifest))
     assert listing.source == "manifest" and listing.has_true_label
-    assert listing.table.column_names == ["path", "true_label"]
+    assert listing.table.column_names == ["path", "true_label", "file_size", "file_modified"]
     assert _paths(listing) == [str(tmp_path / "img" / "a.jpg"), str(tmp_path / "img" / "b.jpg"), "s3://bkt/c.jpg"]
     assert listing.table["true_label"].to_pylist() == ["cats", "dogs", "dogs"]  # first occurrence kept
     assert listing.skipped == {"empty_path": 2, "duplicate_path": 1}

@@ -33,12 +33,20 @@ def test_demo_refuses_existing_workdir(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end_and_its_overwrite_keeps_a_users_files(tmp_path):
     workdir = tmp_path / "demo"
+    # A workdir that already holds a user's files, among them one inside the demo's data and run
+    # folders: --overwrite replaces only what the demo makes.
+    users = {workdir / "notes.txt": "keep me", workdir / "data" / "train" / "cats" / "mine.txt": "mine",
+             workdir / "run" / "my-notes.md": "mine too"}
+    for path, text in users.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     # The demo's own 8 epochs (cheap: ~0.05 s each). Random-backbone features are large, so the
     # first Adam steps overshoot (loss ~10); 4 epochs passed or failed by the shuffle order alone.
     result = _run(
-        "jobs.demo", "--workdir", str(workdir), "--images-per-class", "16", "--image-size", "32", "--epochs", "8"
+        "jobs.demo", "--workdir", str(workdir), "--images-per-class", "16", "--image-size", "32", "--epochs", "8",
+        "--overwrite",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout[result.stdout.index("{") :])
@@ -47,6 +55,7 @@ def test_demo_runs_end_to_end(tmp_path):
     for artifact in ("model.keras", "classes.json", "metrics.json", "history.csv", "curves.png", "config.json"):
         assert (workdir / "run" / artifact).is_file(), artifact
     assert (workdir / "predictions" / "_SUCCESS.json").is_file()
+    assert all(path.read_text() == text for path, text in users.items())
     # Logs stay quiet: none of TensorFlow's C++ start-up lines reach the user.
     assert "oneDNN custom operations" not in result.stderr
     assert "absl::InitializeLog" not in result.stderr

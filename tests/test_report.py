@@ -51,6 +51,8 @@ def write_predictions(folder: Path, rows: int, files: int, seed: int = 0, with_t
             "height": pa.array(np.full(hi - lo, 480, np.int32), mask=bad),
             "model_id": pa.array(["abc123"] * (hi - lo)),
             "scored_at": pa.array([START] * (hi - lo), type=pa.timestamp("us", tz="UTC")),
+            "file_size": pa.array(np.full(hi - lo, 50_000, np.int64)),
+            "file_modified": pa.array([START] * (hi - lo), type=pa.timestamp("us", tz="UTC")),
         }
         if with_true_label:
             columns["true_label"] = pa.array(true_labels[lo:hi])

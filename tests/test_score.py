@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from catdog import output
+from catdog import predictions_folder as output
+from catdog.predictions_folder import PredictionsFolder
 from catdog.errors import CatdogError, OutputExistsError
 from catdog.imaging import decode_image
 from catdog.schema import predictions_schema
@@ -40,7 +41,7 @@ def _config(run: Path, input_: Path | str, out: Path, **kw) -> ScoreConfig:
 
 
 def _read(out: Path) -> pa.Table:
-    return output.read_predictions(str(out))
+    return PredictionsFolder(str(out)).read()
 
 
 def _in_process_probs(run: Path, paths: list[str], precision: str = "float32") -> np.ndarray:
@@ -105,6 +106,7 @@ def _write_part(folder: Path, paths: list[str], task: int = 0, run_id: str = "01
         "error": pa.array([None] * n, pa.string()), "width": pa.array([1] * n, pa.int32()),
         "height": pa.array([1] * n, pa.int32()), "model_id": ["m"] * n,
         "scored_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
+        "file_size": pa.array([1] * n, pa.int64()), "file_modified": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
     }, schema=predictions_schema(CLASSES))
     path = folder / _part_name(task, run_id)
     pq.write_table(table, path)
@@ -130,11 +132,11 @@ def test_existing_output_is_refused_then_overwrite_removes_only_our_files(tmp_pa
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("keep me")
     with pytest.raises(OutputExistsError, match="--resume.*--overwrite"):
-        output.refuse_existing(str(out), overwrite=False, resume=False)
+        PredictionsFolder(str(out)).refuse_existing(overwrite=False, resume=False)
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputExistsError, match="is a file"):
-        output.refuse_existing(str(tmp_path / "file"), overwrite=True, resume=False)
-    state = output.prepare_output(str(out), overwrite=True, resume=False, run_info={"model_id": "m"},
+        PredictionsFolder(str(tmp_path / "file")).refuse_existing(overwrite=True, resume=False)
+    state = PredictionsFolder(str(out)).prepare(overwrite=True, resume=False, run_info={"model_id": "m"},
                                   schema=predictions_schema(CLASSES))
     assert state.deleted == 4
     assert not any(p.exists() for p in ours) and not (out / output.SUCCESS_FILE).exists()
@@ -151,28 +153,28 @@ def test_resume_quarantines_truncated_parts_and_refuses_another_model(tmp_path):
     (out / output.RUN_MARKER).write_text(json.dumps(run_info))
     (out / output.SUCCESS_FILE).write_text("{}")
     with pytest.raises(CatdogError, match="model_id"):
-        output.prepare_output(str(out), overwrite=False, resume=True, run_info={**run_info, "model_id": "other"},
+        PredictionsFolder(str(out)).prepare(overwrite=False, resume=True, run_info={**run_info, "model_id": "other"},
                               schema=predictions_schema(CLASSES))
-    state = output.prepare_output(str(out), overwrite=False, resume=True, run_info=run_info,
+    state = PredictionsFolder(str(out)).prepare(overwrite=False, resume=True, run_info=run_info,
                                   schema=predictions_schema(CLASSES))
     assert sorted(state.done_paths.to_pylist()) == ["/a.jpg", "/b.jpg"]
     assert state.kept_files == [str(good)] and len(state.quarantined) == 1
     assert not bad.exists() and (out / output.QUARANTINE_DIR / bad.name).exists()
     assert not (out / output.SUCCESS_FILE).exists()  # partial again while the resumed run works
-    assert output.list_part_files(str(out)) == [str(good)]
+    assert PredictionsFolder(str(out)).part_files() == [str(good)]
     assert pd.read_parquet(out)["path"].tolist() == ["/a.jpg", "/b.jpg"]  # readers skip _quarantine
 
 
 def test_accounting_catches_duplicates_missing_and_unlisted_rows(tmp_path):
     out = tmp_path / "out"
     _write_part(out, ["/a.jpg", "/b.jpg"])
-    assert output.account(str(out), pa.array(["/a.jpg", "/b.jpg"]))["rows_written"] == 2
+    assert PredictionsFolder(str(out)).account(pa.array(["/a.jpg", "/b.jpg"]))["rows_written"] == 2
     for listed in (["/a.jpg", "/b.jpg", "/c.jpg"], ["/a.jpg"], ["/a.jpg", "/c.jpg"]):
         with pytest.raises(output.AccountingError):
-            output.account(str(out), pa.array(listed))
+            PredictionsFolder(str(out)).account(pa.array(listed))
     _write_part(out, ["/b.jpg"], 1)
     with pytest.raises(output.AccountingError, match="1 duplicates"):
-        output.account(str(out), pa.array(["/a.jpg", "/b.jpg"]))
+        PredictionsFolder(str(out)).account(pa.array(["/a.jpg", "/b.jpg"]))
 
 
 def test_model_description_needs_no_tensorflow_and_matches_catdog_model(tiny_model_run):
@@ -249,10 +251,10 @@ def test_a_late_write_of_a_killed_run_is_dropped_when_the_resumed_run_rescored_i
     _write_part(out, ["/b.jpg", "/c.jpg", "/d.jpg"], 0, run_id="bbbbbbbbbbbb")  # the resumed run
     listed = pa.array(["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"])
     with pytest.raises(output.AccountingError, match="2 duplicates"):
-        output.account(str(out), listed)
-    assert output.drop_superseded_files(str(out), "bbbbbbbbbbbb") == [str(late)]
-    assert kept.exists() and output.account(str(out), listed)["rows_written"] == 4
-    assert output.drop_superseded_files(str(out), "cccccccccccc") == []  # a run that wrote nothing drops nothing
+        PredictionsFolder(str(out)).account(listed)
+    assert PredictionsFolder(str(out)).drop_superseded_files("bbbbbbbbbbbb") == [str(late)]
+    assert kept.exists() and PredictionsFolder(str(out)).account(listed)["rows_written"] == 4
+    assert PredictionsFolder(str(out)).drop_superseded_files("cccccccccccc") == []  # a run that wrote nothing drops nothing
 
 
 # ---- slow: the pipeline on the session's Ray cluster ----
@@ -293,7 +295,7 @@ def test_hostile_corpus_gives_one_row_per_file_and_in_process_predictions(ray_cl
     np.testing.assert_allclose(got, _in_process_probs(tiny_model_run, good), atol=1e-5)
 
     # Schema and readers: every part file has the documented schema; pandas and pyarrow read the folder.
-    files = output.list_part_files(str(out))
+    files = PredictionsFolder(str(out)).part_files()
     assert len(files) >= 2 and all(Path(f).parent == out for f in files)
     for f in files:
         assert pq.read_schema(f).remove_metadata().equals(predictions_schema(CLASSES)), f
@@ -332,7 +334,7 @@ def test_interrupted_run_resumes_to_exact_rows_then_overwrite_partitions(ray_clu
     pd.DataFrame({"path": [str(root / n) for n in names[:12]]}).to_csv(first, index=False)
     score(_config(tiny_model_run, first, out, rows_per_file=4, batch_size=4, max_image_pixels=MAX_PIXELS))
     # Make it look interrupted: one part file cut short mid-write, no _SUCCESS.json.
-    parts = output.list_part_files(str(out))
+    parts = PredictionsFolder(str(out)).part_files()
     assert len(parts) == 3
     truncated = Path(parts[1])
     lost = pq.read_table(truncated).num_rows

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from catdog import output
+from catdog import predictions_folder as output
+from catdog.predictions_folder import PredictionsFolder
 from catdog.score_config import ScoreConfig
 from conftest import write_model_run
 from hostile_corpus import write_huge_png
@@ -39,7 +40,7 @@ def slow_model_run(tmp_path_factory) -> Path:
 
 
 def _rows_and_duplicates(out: Path) -> tuple[int, int]:
-    paths = output.read_predictions(str(out), columns=["path"])["path"]
+    paths = PredictionsFolder(str(out)).read(columns=["path"])["path"]
     return len(paths), len(paths) - len(pc.unique(paths))
 
 
@@ -51,7 +52,7 @@ def _photo_manifest(real_photos: Path, folder: str, path: Path) -> tuple[Path, i
 
 def _readable_rows(out: Path) -> int:
     rows = 0
-    for f in output.list_part_files(str(out)):
+    for f in PredictionsFolder(str(out)).part_files():
         try:
             rows += pq.read_metadata(f).num_rows
         except (pa.ArrowException, OSError):
@@ -249,7 +250,7 @@ def test_hostile_folder_symlinks_unreadable_vanishing_and_bomb_files(ray_cluster
     config = ScoreConfig(model=str(tiny_model_run), input=str(folder), output=str(tmp_path / "preds"), batch_size=4)
     summary = score_listing(config, listing)
 
-    table = output.read_predictions(config.output)
+    table = PredictionsFolder(config.output).read()
     rows = {Path(p).name: e for p, e in zip(table["path"].to_pylist(), table["error"].to_pylist())}
     assert table.num_rows == listing.num_files == 7 == len(rows)
     assert rows["a.jpg"] is None and rows["b.png"] is None and rows["é" * 125 + ".jpeg"] is None

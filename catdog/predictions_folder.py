@@ -1,0 +1,426 @@
+"""The predictions folder: the one owner of a scoring output's files.
+
+Layout of an output folder (local path or URI):
+
+    catdog-<run id>-<write uuid>_<task>-<i>.parquet   part files (under label=<class>/ when partitioned)
+    _catdog_run.json                                  written first: model id, classes, layout
+    _quarantine/                                      part files set aside by --resume (truncated, superseded)
+    _SUCCESS.json                                     written last: the run summary
+
+Names starting with `_` are skipped by pyarrow, pandas, Spark and DuckDB globs on `*.parquet`, so
+readers see only part files. A folder without `_SUCCESS.json` is partial.
+
+What belongs to this output: the files above at its top level and part files in its own `label=`
+folders. A sub-folder holding its own `_catdog_run.json` is another output and is never entered;
+`--overwrite` deletes only this output's files, and nothing else in the folder.
+
+Memory: listing the folder holds one entry per part file (thousands, not per row). Resume and
+accounting read the `path` column of every row into the driver (~100 bytes per row).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data.datasource import FilenameProvider
+
+from catdog import storage
+from catdog.errors import CatdogError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+SUCCESS_FILE = "_SUCCESS.json"
+RUN_MARKER = "_catdog_run.json"
+QUARANTINE_DIR = "_quarantine"
+PART_PREFIX = "catdog-"
+PARTITION_PREFIX = "label="
+# Our part file names, as written by Ray's parquet datasink from PartFilenameProvider's template.
+PART_PATTERN = re.compile(r"^catdog-[0-9a-f]{12}-[0-9a-f]{32}_\d{6}-\d+\.parquet$")
+_SUCCESS_TEMPORARY = re.compile(r"^_SUCCESS\.[0-9a-f]{8}\.tmp$")
+# Columns that identify the content a row was scored from; a resume rescores a file when they changed.
+FILE_SIZE_COLUMN = "file_size"
+FILE_MODIFIED_COLUMN = "file_modified"
+
+
+class AccountingError(RuntimeError):
+    """The output does not hold exactly one row per listed file (a bug or a concurrent writer)."""
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_part_file(name: str) -> bool:
+    return PART_PATTERN.match(posixpath.basename(name)) is not None
+
+
+class PartFilenameProvider(FilenameProvider):
+    """`catdog-<run id>-<write uuid>_<task>`: unique per run and write, with no dot before the
+    extension (Ray appends `-<i>.parquet`)."""
+
+    def __init__(self, run_id: str):
+        super().__init__(file_format="parquet")
+        self.run_id = run_id
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{PART_PREFIX}{self.run_id}-{write_uuid}_{task_index:06}.parquet"
+
+
+@dataclass
+class ResumeState:
+    """What an output folder already holds when a run starts, after the resume checks."""
+
+    done: pa.Table = field(default_factory=lambda: pa.table({"path": pa.array([], pa.string())}))
+    kept_files: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+    deleted: int = 0
+    created: bool = False  # the run made the folder
+
+    @property
+    def done_paths(self) -> pa.Array:
+        return self.done["path"].combine_chunks()
+
+
+class PredictionsFolder:
+    """A predictions folder, resolved once; the only code that knows its file names."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self.fs, self.root = storage.resolve(location)
+        self._quarantine = posixpath.join(self.root, QUARANTINE_DIR)
+
+    def __repr__(self) -> str:
+        return f"PredictionsFolder({self.location!r})"
+
+    # ---- reading the folder ----
+
+    def _info(self, inner: str) -> pafs.FileInfo:
+        return self.fs.get_file_info(inner)
+
+    def _children(self, inner: str | None = None) -> list[pafs.FileInfo]:
+        inner = self.root if inner is None else inner
+        if self._info(inner).type == pafs.FileType.NotFound:
+            return []
+        return self.fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
+
+    def _own_partitions(self, top: list[pafs.FileInfo]) -> list[str]:
+        """`label=` sub-folders of this output; one holding its own run marker is another output."""
+        return [info.path for info in top if info.type == pafs.FileType.Directory
+                and posixpath.basename(info.path).startswith(PARTITION_PREFIX)
+                and self._info(posixpath.join(info.path, RUN_MARKER)).type == pafs.FileType.NotFound]
+
+    def part_files(self) -> list[str]:
+        """Our part files (filesystem-internal paths, sorted): top level and own `label=` folders."""
+        top = self._children()
+        files = [info.path for info in top if info.type == pafs.FileType.File and is_part_file(info.path)]
+        for folder in self._own_partitions(top):
+            files += [i.path for i in self._children(folder) if i.type == pafs.FileType.File and is_part_file(i.path)]
+        return sorted(files)
+
+    def exists(self) -> bool:
+        return self._info(self.root).type != pafs.FileType.NotFound
+
+    def is_complete(self) -> bool:
+        return self._info(self._file(SUCCESS_FILE)).type == pafs.FileType.File
+
+    def _file(self, name: str) -> str:
+        return posixpath.join(self.root, name)
+
+    def _location(self, name: str) -> str:
+        return storage.join(self.location, name)
+
+    def read_success(self) -> dict:
+        return storage.read_json(self._location(SUCCESS_FILE))
+
+    def read(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """Our part files (hive `label=` folders included) as one table."""
+        files = self.part_files()
+        if not files:
+            raise CatdogError(f"no catdog predictions in {self.location}")
+        return self._dataset(files).to_table(columns=list(columns) if columns else None)
+
+    def _dataset(self, files: list[str]) -> pads.Dataset:
+        partitioned = any(f"/{PARTITION_PREFIX}" in f[len(self.root):] for f in files)
+        return pads.dataset(files, filesystem=self.fs, format="parquet",
+                            partitioning="hive" if partitioned else None,
+                            partition_base_dir=self.root if partitioned else None)
+
+    # ---- before a run ----
+
+    def refuse_unsafe(self, input_location: str) -> None:
+        """See `storage.refuse_unsafe_output`."""
+        storage.refuse_unsafe_output(self.location, input_location)
+
+    def refuse_existing(self, *, overwrite: bool, resume: bool) -> None:
+        """Fail fast, before any work, when the folder holds files and neither flag was given.
+
+        Raises:
+            OutputExistsError: as above, or the output is a file.
+        """
+        if self._info(self.root).type == pafs.FileType.File:
+            raise OutputExistsError(f"output {self.location} is a file; give a folder")
+        existing = self._children()
+        if existing and not (overwrite or resume):
+            parts = len(self.part_files())
+            raise OutputExistsError(
+                f"output {self.location} already exists and is not empty ({len(existing)} entries, {parts} catdog "
+                f"part files, {'complete: _SUCCESS.json present' if self.is_complete() else 'partial: no _SUCCESS.json'}"
+                "); pass --resume to finish it, --overwrite to replace catdog's files in it, or choose a new folder"
+            )
+
+    def prepare(self, *, overwrite: bool, resume: bool, run_info: dict, schema: pa.Schema) -> ResumeState:
+        """Make the folder ready for a run and return what it already holds.
+
+        `run_info` (model_id, class_names, partition_by, ...) is written to the run marker; a resume
+        must match it. `schema` is the file schema this run writes.
+
+        Raises:
+            OutputExistsError: the folder holds files and neither overwrite nor resume was asked,
+                or it is a file.
+            CatdogError: a resume with another model, classes or layout than the existing output.
+        """
+        self.refuse_existing(overwrite=overwrite, resume=resume)
+        state = ResumeState(created=not self.exists())
+        if self._children():
+            if overwrite:
+                state.deleted = self._delete_own_files()
+            else:
+                self._check_resumable(run_info)
+                if self.is_complete():
+                    self.fs.delete_file(self._file(SUCCESS_FILE))  # partial again until this run ends
+                state = self._scan_for_resume(schema)
+        self.fs.create_dir(self.root, recursive=True)
+        storage.write_json(self._location(RUN_MARKER), run_info)
+        return state
+
+    def discard_if_empty(self, remove_folder: bool) -> None:
+        """When no part file exists: remove our run marker, and the folder if we created it."""
+        if self.part_files():
+            return
+        if self._info(self._file(RUN_MARKER)).type == pafs.FileType.File:
+            self.fs.delete_file(self._file(RUN_MARKER))
+        if remove_folder and not self._children():
+            self.fs.delete_dir(self.root)
+
+    def _delete_own_files(self) -> int:
+        """Delete our part files, marker, _SUCCESS.json and quarantine; then our empty `label=` folders."""
+        top = self._children()
+        doomed = [i.path for i in top if i.type == pafs.FileType.File and _is_own_top_level_file(i.path)]
+        partitions = self._own_partitions(top)
+        for folder in partitions:
+            doomed += [i.path for i in self._children(folder) if i.type == pafs.FileType.File and is_part_file(i.path)]
+        doomed += [i.path for i in self._children(self._quarantine)
+                   if i.type == pafs.FileType.File and is_part_file(i.path)]
+        for path in doomed:
+            self.fs.delete_file(path)
+        for folder in partitions + [self._quarantine]:
+            if self._info(folder).type == pafs.FileType.Directory and not self._children(folder):
+                self.fs.delete_dir(folder)
+        logger.info("--overwrite: deleted %d catdog files from %s (other files left alone)", len(doomed), self.location)
+        return len(doomed)
+
+    def _check_resumable(self, run_info: dict) -> None:
+        marker = self._location(RUN_MARKER)
+        if not storage.exists(marker):
+            return
+        previous = storage.read_json(marker)
+        for key in ("model_id", "class_names", "partition_by", "with_true_label"):
+            if previous.get(key) != run_info.get(key):
+                raise CatdogError(
+                    f"cannot resume {self.location}: it was written with {key}={previous.get(key)!r}, this run has "
+                    f"{run_info.get(key)!r}; use --overwrite or a new output folder"
+                )
+
+    def _scan_for_resume(self, schema: pa.Schema) -> ResumeState:
+        """Quarantine part files without a valid footer; read the rows already scored."""
+        state = ResumeState()
+        expected = set(schema.names)
+        for path in self.part_files():
+            try:
+                names = set(pq.read_metadata(path, filesystem=self.fs).schema.to_arrow_schema().names)
+            except (pa.ArrowException, OSError) as exc:
+                state.quarantined.append(self._quarantine_file(path, exc))
+                continue
+            if not names <= expected or "path" not in names:
+                raise CatdogError(f"cannot resume {self.location}: {path} has columns {sorted(names)}, this run "
+                                  f"writes {schema.names}; use --overwrite or a new output folder")
+            state.kept_files.append(path)
+        if state.kept_files:
+            state.done = _identity_columns(pads.dataset(state.kept_files, filesystem=self.fs, format="parquet"))
+        logger.info("--resume: %d part files kept (%d rows done), %d truncated files quarantined",
+                    len(state.kept_files), state.done.num_rows, len(state.quarantined))
+        return state
+
+    def _quarantine_file(self, path: str, reason: object) -> str:
+        target = posixpath.join(self._quarantine, posixpath.basename(path))
+        self.fs.create_dir(self._quarantine, recursive=True)
+        if self._info(target).type != pafs.FileType.NotFound:
+            target = f"{target[:-len('.parquet')]}-{uuid.uuid4().hex[:8]}.parquet"
+        self.fs.move(path, target)
+        logger.warning("Quarantined part file %s (%s) to %s", path, reason, target)
+        return target
+
+    def remove_rows(self, paths: pa.Array, run_id: str, schema: pa.Schema) -> int:
+        """Rewrite the part files that hold rows of `paths` without them; return the rows removed.
+
+        Each such file is first moved to the quarantine, then its other rows are written under a
+        new name of this run, then the quarantined copy is deleted: a crash in between loses no
+        row that a later --resume would not score again, and never leaves a row twice.
+        """
+        if not len(paths):
+            return 0
+        removed = 0
+        for path in self.part_files():
+            table = pq.read_table(path, filesystem=self.fs)
+            drop = pc.is_in(table["path"], value_set=paths)
+            hits = pc.sum(drop).as_py() or 0
+            if not hits:
+                continue
+            parked = self._quarantine_file(path, f"{hits} rows superseded")
+            kept = table.filter(pc.invert(drop))
+            if kept.num_rows:
+                name = PartFilenameProvider(run_id).get_filename_for_task(uuid.uuid4().hex, 0)
+                target = posixpath.join(posixpath.dirname(path), name.replace(".parquet", "-0.parquet"))
+                pq.write_table(kept.cast(_file_schema(schema, kept.schema)), target, filesystem=self.fs)
+            self.fs.delete_file(parked)
+            removed += hits
+        return removed
+
+    # ---- after a run ----
+
+    def account(self, listed_paths: pa.Array, kept_unlisted: pa.Array | None = None) -> dict:
+        """Check the output holds exactly one row per listed path; count rows and errors by kind.
+
+        `kept_unlisted`: paths no longer listed whose rows a resume reported and kept; they are
+        counted in `rows_not_in_listing` and left out of the verdict. Any other unlisted row fails it.
+
+        Raises:
+            AccountingError: listed paths missing or duplicated, rows of unknown paths, or a path
+                with more than one row.
+        """
+        files = self.part_files()
+        if files:
+            table = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=["path", "error"])
+        else:
+            table = pa.table({"path": pa.array([], pa.string()), "error": pa.array([], pa.string())})
+        paths = table["path"].combine_chunks()
+        kept_unlisted = pa.array([], pa.string()) if kept_unlisted is None else kept_unlisted
+        rows, distinct = table.num_rows, pc.count_distinct(paths).as_py()
+        listed_mask = pc.is_in(paths, value_set=listed_paths)
+        in_listing = pc.sum(listed_mask).as_py() or 0
+        kept = pc.sum(pc.is_in(paths, value_set=kept_unlisted)).as_py() or 0
+        found = pc.sum(pc.is_in(listed_paths, value_set=paths)).as_py() or 0 if len(listed_paths) else 0
+        missing = len(listed_paths) - found
+        unknown = rows - in_listing - kept
+        if distinct != rows or missing or unknown or in_listing != len(listed_paths):
+            raise AccountingError(
+                f"output {self.location} holds {rows} rows ({rows - distinct} duplicates, {unknown} for "
+                f"unlisted paths) for {len(listed_paths)} listed files ({missing} missing); _SUCCESS.json not written"
+            )
+        errors = table["error"].combine_chunks().filter(listed_mask).drop_null()
+        by_kind: dict[str, int] = {}
+        if len(errors):
+            kinds = pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)
+            by_kind = {row["values"]: row["counts"] for row in pc.value_counts(kinds).to_pylist()}
+        return {
+            "rows_written": in_listing,
+            "predictions": in_listing - len(errors),
+            "errors": len(errors),
+            "errors_by_kind": dict(sorted(by_kind.items())),
+            "rows_not_in_listing": kept,
+            "output_files": [posixpath.relpath(f, self.root) for f in files],
+        }
+
+    def drop_superseded_files(self, run_id: str) -> list[str]:
+        """Delete part files of earlier runs whose every path this run scored again; return them.
+
+        A killed run's worker can finish a write ~2 s after the kill, after a quick `--resume` scanned
+        the folder; the resumed run then scores those files again. The late file is the redundant copy.
+        """
+        files = self.part_files()
+        ours = [f for f in files if posixpath.basename(f).startswith(f"{PART_PREFIX}{run_id}-")]
+        if not ours:
+            return []
+        rescored = pads.dataset(ours, filesystem=self.fs, format="parquet").to_table(columns=["path"])["path"]
+        dropped = []
+        for path in sorted(set(files) - set(ours)):
+            paths = pq.read_table(path, columns=["path"], filesystem=self.fs)["path"]
+            if len(paths) and pc.all(pc.is_in(paths, value_set=rescored.combine_chunks())).as_py():
+                self.fs.delete_file(path)
+                dropped.append(path)
+                logger.warning("Deleted %s: a late write of an interrupted run, every row scored again", path)
+        return dropped
+
+    def write_success(self, summary: dict) -> None:
+        """Write _SUCCESS.json last, through a temporary name so it is never seen half-written."""
+        temporary = f"_SUCCESS.{uuid.uuid4().hex[:8]}.tmp"
+        storage.write_json(self._location(temporary), summary)
+        self.fs.move(self._file(temporary), self._file(SUCCESS_FILE))
+
+    def filename_provider(self, run_id: str) -> PartFilenameProvider:
+        return PartFilenameProvider(run_id)
+
+
+def _is_own_top_level_file(path: str) -> bool:
+    name = posixpath.basename(path)
+    return name in (SUCCESS_FILE, RUN_MARKER) or is_part_file(name) or _SUCCESS_TEMPORARY.match(name) is not None
+
+
+def _identity_columns(dataset: pads.Dataset) -> pa.Table:
+    """`path` and, where the files have them, the size and modification time each row was scored from."""
+    columns = ["path"] + [c for c in (FILE_SIZE_COLUMN, FILE_MODIFIED_COLUMN) if c in dataset.schema.names]
+    return dataset.to_table(columns=columns)
+
+
+def _file_schema(schema: pa.Schema, present: pa.Schema) -> pa.Schema:
+    """This run's schema restricted to the columns an older file has (older files lack newer columns)."""
+    return pa.schema([schema.field(name) if name in schema.names else present.field(name) for name in present.names])
+
+
+@dataclass
+class ResumePlan:
+    """How a resumed run's listing meets the rows already written."""
+
+    todo: pa.Table  # listed files to score in this run
+    changed: pa.Array  # paths whose file changed since their row was written: rows replaced
+    unlisted: pa.Array  # paths with rows that are no longer listed
+
+
+def plan_resume(listed: pa.Table, done: pa.Table) -> ResumePlan:
+    """Compare a listing (path, file_size, file_modified) with the rows already written.
+
+    A listed file is done when it has a row and neither its size nor its modification time differ
+    from what the row recorded (an unknown value on either side matches). Memory: both tables.
+    """
+    empty = pa.array([], pa.string())
+    if not done.num_rows:
+        return ResumePlan(listed, empty, empty)
+    done_paths = done["path"].combine_chunks()
+    unlisted = pc.unique(done_paths.filter(pc.invert(pc.is_in(done_paths, value_set=listed["path"]))))
+    changed = empty
+    stats = [c for c in (FILE_SIZE_COLUMN, FILE_MODIFIED_COLUMN) if c in done.column_names and c in listed.column_names]
+    if stats:
+        rows = done.select(["path", *stats]).rename_columns(["path", *[f"row_{c}" for c in stats]])
+        both = listed.select(["path", *stats]).join(rows, keys="path", join_type="inner", use_threads=False)
+        differs = pa.array([False] * both.num_rows, pa.bool_())
+        for column in stats:
+            differs = pc.or_(differs, pc.fill_null(pc.not_equal(both[column], both[f"row_{column}"]), False))
+        changed = pc.unique(both["path"].filter(differs).combine_chunks()) if both.num_rows else empty
+    finished = done_paths.filter(pc.invert(pc.is_in(done_paths, value_set=changed))) if len(changed) else done_paths
+    todo = listed.filter(pc.invert(pc.is_in(listed["path"], value_set=finished)))
+    return ResumePlan(todo, changed, unlisted)
