@@ -3,10 +3,11 @@
 This is the only module that knows about ResNet50 and its preprocessing. A full model maps RGB
 pixels in [0, 255] (any float or uint8 dtype) at `image_size` to class probabilities:
 
-    pixels -> ResNet50Preprocess -> ResNet50 (frozen, training=False) -> head -> probabilities
+    pixels -> preprocess (frozen 1x1 Conv2D) -> ResNet50 (frozen, training=False) -> head -> probabilities
 
 The head is trained on cached backbone features or end to end; either way the saved `.keras`
-file holds preprocessing, backbone and head, and loads in Keras safe mode without Lambda layers.
+file holds preprocessing, backbone and head, built from Keras' own layers only: it loads with
+plain `keras.saving.load_model(path, safe_mode=True)`, in code that never imports catdog.
 """
 
 from __future__ import annotations
@@ -38,12 +39,31 @@ HEADS = ("gap", "flatten")
 # Keras dtype policy per --precision: bfloat16 runs every layer in bf16 (its range is float32's, and
 # the per-layer casts of mixed_bfloat16 cost a third of its speed here); float16 keeps float32 variables.
 PRECISIONS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "mixed_float16"}
+# ResNet50's "caffe" preprocessing (`keras.applications.resnet50.preprocess_input`): RGB -> BGR,
+# then minus the ImageNet mean of each channel, in BGR order.
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+def build_preprocessing(name: str = "preprocess") -> keras.layers.Conv2D:
+    """`resnet50.preprocess_input` as one frozen built-in layer: a 1x1 convolution whose kernel
+    reverses the channels (RGB -> BGR) and whose bias subtracts the ImageNet mean.
+
+    Exact: each output is one pixel times 1, plus zeros, plus the bias, so a single rounding like
+    preprocess_input's own subtraction (in every precision, for integer pixels). Built-in, so the
+    saved model needs no catdog class to load.
+    """
+    layer = keras.layers.Conv2D(3, 1, name=name, trainable=False)
+    layer.build((None, None, None, 3))
+    flip = np.eye(3, dtype=np.float32)[::-1].reshape(1, 1, 3, 3)  # kernel[0, 0, in, out]: out = 2 - in
+    layer.set_weights([flip, -np.asarray(IMAGENET_BGR_MEAN, dtype=np.float32)])
+    return layer
 
 
 @keras.saving.register_keras_serializable(package="catdog")
 class ResNet50Preprocess(keras.layers.Layer):
-    """`keras.applications.resnet50.preprocess_input` as a serialisable layer (RGB->BGR, minus the
-    ImageNet mean). A layer rather than a Lambda so the saved model loads in safe mode."""
+    """Legacy: the preprocessing layer of models saved before `build_preprocessing`. Kept registered
+    so those run folders still load through catdog; new models never use it (plain Keras cannot
+    load a model that holds it)."""
 
     def call(self, inputs):
         return keras.applications.resnet50.preprocess_input(keras.ops.cast(inputs, self.compute_dtype))
@@ -115,7 +135,7 @@ def build_feature_extractor(spec: ModelSpec, weights: str | None = "imagenet", s
         _seeded_init(backbone, seed)
     backbone.trainable = False
     pixels = keras.Input((spec.image_size, spec.image_size, 3), name="pixels")
-    features = backbone(ResNet50Preprocess(name="preprocess")(pixels), training=False)
+    features = backbone(build_preprocessing()(pixels), training=False)
     return keras.Model(pixels, features, name="feature_extractor")
 
 

@@ -53,8 +53,39 @@ def test_saved_model_loads_in_safe_mode_with_identical_outputs(saved_run):
     np.testing.assert_array_equal(loaded(x), full(x))
     with zipfile.ZipFile(run / M.MODEL_FILENAME) as archive:
         config = archive.read("config.json").decode()
-    assert "Lambda" not in config and "ResNet50Preprocess" in config
+    assert "Lambda" not in config and "ResNet50Preprocess" not in config  # built-in layers only
     assert len(M.model_id(str(run))) == 16
+
+
+def test_preprocessing_layer_is_preprocess_input_exactly_in_every_precision():
+    """Integer pixels (what catdog decodes) through the built-in layer give bit for bit what
+    `resnet50.preprocess_input` (the legacy ResNet50Preprocess layer) gives, at each precision."""
+    x = _pixels(n=2, size=16, seed=8)
+    for policy in M.PRECISIONS.values():
+        config = {**M.build_preprocessing().get_config(), "dtype": policy}
+        layer = keras.layers.Conv2D.from_config(config)
+        layer.build((None, None, None, 3))
+        layer.set_weights(M.build_preprocessing().get_weights())
+        np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(M.ResNet50Preprocess(dtype=policy)(x)))
+
+
+def test_run_folder_saved_with_the_legacy_preprocess_layer_still_loads(saved_run, tmp_path, caplog):
+    """Run folders saved before the built-in preprocessing hold catdog's ResNet50Preprocess: catdog
+    still loads them (as saved and folded from the archive) with the same probabilities."""
+    _, full, extractor = saved_run
+    pixels = keras.Input((SPEC.image_size, SPEC.image_size, 3), name="pixels")
+    features = extractor.get_layer("resnet50")(M.ResNet50Preprocess(name="preprocess")(pixels), training=False)
+    legacy = M.build_model(keras.Model(pixels, features, name="feature_extractor"), full.get_layer("head"))
+    M.save_model(legacy, str(tmp_path / M.MODEL_FILENAME))
+    with zipfile.ZipFile(tmp_path / M.MODEL_FILENAME) as archive:
+        assert "ResNet50Preprocess" in archive.read("config.json").decode()
+    x = _pixels(seed=9)
+    expected = np.asarray(full(x, training=False))
+    np.testing.assert_allclose(M.load_model(str(tmp_path))(x, training=False), expected, atol=1e-6)
+    with caplog.at_level("DEBUG", logger="catdog.model"):
+        folded = M.load_inference_model(str(tmp_path))
+    assert "not in the expected layout" not in caplog.text
+    np.testing.assert_allclose(folded(x, training=False), expected, atol=1e-5)
 
 
 def _randomise_batchnorm(model: keras.Model, seed: int = 0) -> None:
