@@ -29,7 +29,7 @@ import pyarrow as pa
 from catdog import storage
 from catdog.errors import ImageDecodeError, InputError, ModelLoadError
 from catdog.run_folder import CLASSES_FILENAME, artifact_id, classes_file, existing_model_file, saved_config
-from catdog.schema import predictions_schema, prob_column
+from catdog.schema import error_kinds, predictions_schema, prob_column
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +140,9 @@ class Predictor:
     """
 
     def __init__(self, info: ModelInfo, precision: str = "float32", use_gpu: bool = False,
-                 with_true_label: bool = False):
+                 with_true_label: bool = False, progress=None):
         started = time.monotonic()
+        self._progress = progress  # a catdog.progress.ProgressCounter actor, told of every batch
         from catdog.runtime import configure_model_actor
 
         self.concurrent_batches = configure_model_actor(use_gpu)
@@ -179,7 +180,10 @@ class Predictor:
         probs = np.zeros((n, len(self._class_names)), dtype=np.float32)
         if ok.any():
             probs[ok] = self.predict(np.ascontiguousarray(batch["image"][ok]))
-        return self._rows(batch, probs, ok)
+        rows = self._rows(batch, probs, ok)
+        if self._progress is not None:
+            self._progress.add.remote(n, error_kinds(errors))
+        return rows
 
     def _rows(self, batch: dict[str, np.ndarray], probs: np.ndarray, ok: np.ndarray) -> pa.Table:
         failed = ~ok

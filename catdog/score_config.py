@@ -43,6 +43,7 @@ class ScoreConfig:
     follow_symlinks: bool = False
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     ray_address: str | None = None
+    progress_interval_s: float = 10.0  # seconds between progress log lines
 
     def __post_init__(self):
         self.validate()

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import catdog
-from catdog import imaging, inputs
+from catdog import imaging, inputs, progress
 from catdog.errors import ModelLoadError
 from catdog.predictor import ModelInfo
 from catdog.predictions_folder import AccountingError, PredictionsFolder, new_run_id, now_iso, plan_resume
@@ -149,7 +149,8 @@ def run_pipeline(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: s
         predictor_resources["num_gpus"] = config.gpus_per_worker
     pool = _actor_pool(config)
     budget = object_store_budget(todo.num_rows, batch_size, info.image_size, pool.max_size)
-    with _object_store_budget(budget):
+    counter = progress.start_counter()
+    with _object_store_budget(budget), progress.logging_progress(counter, todo.num_rows, config.progress_interval_s):
         # from_blocks, not from_arrow: from_arrow runs a remote metadata task per block, which on a
         # fresh local Ray waits for worker processes to boot (~2.5 s before the first decode).
         ds = ray.data.from_blocks(_blocks(_pipeline_columns(todo), batch_size))
@@ -164,7 +165,7 @@ def run_pipeline(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: s
         ds = ds.map_batches(
             Predictor,
             fn_constructor_kwargs={"info": info, "precision": config.precision, "use_gpu": config.use_gpu,
-                                   "with_true_label": with_true_label},
+                                   "with_true_label": with_true_label, "progress": counter},
             compute=pool,
             batch_size=batch_size,
             batch_format="numpy",
