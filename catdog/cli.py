@@ -8,7 +8,8 @@ import sys
 from typing import Callable
 
 from catdog.errors import CatdogError
-from catdog.runtime import LOG_DATE_FORMAT, LOG_FORMAT, quiet_environment
+from catdog.logging_setup import LOG_DATE_FORMAT, LOG_FORMAT
+from catdog.process_env import quiet_environment
 
 EXIT_USER_ERROR = 2  # bad argument, missing or empty input, output already there, unloadable model
 EXIT_FAILURE = 1  # anything unexpected; the traceback is kept

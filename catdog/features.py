@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from catdog import imaging, storage
 from catdog.dataset import LabelledImages
-from catdog.runtime import configure_model_actor, model_actor_pool
+from catdog.actor_pool import configure_model_actor, model_actor_pool
 
 logger = logging.getLogger(__name__)
 

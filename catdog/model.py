@@ -23,7 +23,7 @@ from catdog import storage
 from catdog.run_folder import (  # noqa: F401 - MODEL_FILENAME, model_file, model_id re-exported
     MODEL_FILENAME, existing_model_file, model_file, model_id, read_archive_member, saved_config)
 from catdog.errors import ModelLoadError
-from catdog.runtime import configure_tensorflow
+from catdog.tensorflow_setup import configure_tensorflow
 
 configure_tensorflow()
 

@@ -9,7 +9,7 @@ model is loaded, so importing this module stays cheap.
 config), so a scoring driver starts seconds sooner and ~1 GB smaller; the actors then load it.
 
 On CPU an actor runs two batches at once, each op on half the cores
-(`catdog.runtime.configure_model_actor`); on a GPU one batch at a time.
+(`catdog.actor_pool.configure_model_actor`); on a GPU one batch at a time.
 
 Memory: one actor holds TensorFlow (~0.5 GB), the model (ResNet50: ~0.1 GB of weights) and the
 activations of the batches in flight (ResNet50 at 180 px, batch 64: peak 1.6 GB in all in float32
@@ -143,7 +143,7 @@ class Predictor:
                  with_true_label: bool = False, progress=None):
         started = time.monotonic()
         self._progress = progress  # a catdog.progress.ProgressCounter actor, told of every batch
-        from catdog.runtime import configure_model_actor
+        from catdog.actor_pool import configure_model_actor
 
         self.concurrent_batches = configure_model_actor(use_gpu)
         import tensorflow as tf

@@ -6,8 +6,8 @@
 
 Decoding runs in tasks with fractional CPUs while the predictor actors run the model, so the two
 overlap; Ray Data's streaming executor bounds what is in flight. On CPU each predictor runs two
-batches at once, each op on half the cores (`catdog.runtime.configure_model_actor`). Per-row Python
-happens only in decoding (Pillow) -- never in the model call.
+batches at once, each op on half the cores (`catdog.actor_pool.configure_model_actor`). Per-row
+Python happens only in decoding (Pillow) -- never in the model call.
 
 Memory, per process: a decode task holds one batch of decoded pixels (batch x size^2 x 3 bytes)
 plus one full-size image while decoding it (bounded by --max-image-pixels: 100 MP x 3 B = 0.3 GB at
@@ -33,10 +33,11 @@ import pyarrow.compute as pc
 
 import catdog
 from catdog import imaging, inputs, progress
+from catdog.actor_pool import model_actor_pool
 from catdog.errors import ModelLoadError
 from catdog.predictor import ModelInfo
 from catdog.predictions_folder import AccountingError, PredictionsFolder, new_run_id, now_iso, plan_resume
-from catdog.runtime import init_ray, model_actor_pool
+from catdog.ray_session import init_ray
 from catdog.schema import predictions_schema
 from catdog.score_config import ScoreConfig
 

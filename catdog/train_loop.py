@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catdog.runtime import configure_tensorflow
+from catdog.tensorflow_setup import configure_tensorflow
 
 logger = logging.getLogger(__name__)
 

@@ -238,7 +238,7 @@ def _fit(config: TrainConfig, loop_config: dict, datasets: dict | None, run_name
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
 
-    from catdog.runtime import worker_runtime_env
+    from catdog.ray_session import worker_runtime_env
     from catdog.train_loop import train_loop_per_worker
     from catdog.worker_log import WorkerReportLog
 
@@ -273,7 +273,7 @@ def _load_backbone(config: TrainConfig, num_classes: int):
     Raises:
         ModelLoadError: an unloadable weights file, or no internet for the ImageNet weights.
     """
-    from catdog.runtime import configure_tensorflow
+    from catdog.tensorflow_setup import configure_tensorflow
 
     configure_tensorflow(config.use_gpu)
     from catdog import model as catdog_model
@@ -321,7 +321,7 @@ def train(config: TrainConfig) -> TrainResult:
     logger.info("Run %s: %d train / %d validation images -> %s", run_id, len(train_images), len(val_images), config.output)
 
     # ---- backbone and Ray, side by side; then the training data ------------------------------------
-    from catdog.runtime import init_ray
+    from catdog.ray_session import init_ray
 
     # TensorFlow's import and the backbone build are CPU work in this process, Ray's start-up is
     # mostly its own processes booting: overlapped, the cold run's set-up shrinks (train_bench).

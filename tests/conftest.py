@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from catdog.runtime import quiet_environment
+from catdog.process_env import quiet_environment
 
 quiet_environment()
 
@@ -19,7 +19,7 @@ def ray_cluster():
     """A real local Ray cluster (2 CPUs, like this machine and CI), shared by the whole session."""
     import ray
 
-    from catdog.runtime import init_ray
+    from catdog.ray_session import init_ray
 
     init_ray(num_cpus=int(os.environ.get("CATDOG_TEST_CPUS", "2")))
     yield ray

@@ -68,7 +68,7 @@ def test_reading_skips_staging_and_broken_parts_and_keeps_wanted_rows(tmp_path):
 
 
 def test_embeddings_from_the_concurrent_actor_pool_equal_the_extractor_in_process(ray_cluster, sample_images, tmp_path):
-    """The embedding actor runs two batches at once on CPU (catdog.runtime.model_actor_pool): every
+    """The embedding actor runs two batches at once on CPU (catdog.actor_pool.model_actor_pool): every
     file's features must still be the extractor's own output for that file's pixels."""
     import tensorflow as tf
 

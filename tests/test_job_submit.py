@@ -80,7 +80,7 @@ class LocalHead:
             PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs run `python` from the venv
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN_PATH=str(token_file),
-            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep 127.0.0.1 (see catdog.runtime)
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep 127.0.0.1 (see catdog.ray_session)
             RAY_USAGE_STATS_ENABLED="0",
             **extra_env,
         )

@@ -266,7 +266,7 @@ def test_spec_validation():
 def test_tensorflow_imports_without_pyplot_which_stays_importable():
     """Keras imports matplotlib.pyplot when it can (~0.7 s in every process that loads a model);
     catdog hides it during TensorFlow's import and never needs it."""
-    code = ("import sys; from catdog.runtime import configure_tensorflow; configure_tensorflow(); import keras; "
+    code = ("import sys; from catdog.tensorflow_setup import configure_tensorflow; configure_tensorflow(); import keras; "
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; "
             "import matplotlib.pyplot; from catdog.plots import plot_confidence; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -452,7 +452,7 @@ def test_a_predictor_actor_splits_the_cores_between_its_concurrent_batches(ray_c
     """In its own (fresh) worker process, a CPU predictor runs each TensorFlow op on its share of
     the cores: 1 thread per op on 2 cores, not TensorFlow's default of every core."""
     from catdog.predictor import Predictor, describe_model
-    from catdog.runtime import visible_cores
+    from catdog.tensorflow_setup import visible_cores
 
     def threads_and_batches(predictor):
         import tensorflow as tf

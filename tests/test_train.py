@@ -339,7 +339,7 @@ def test_too_few_readable_images_found_while_the_fit_starts_fail_with_the_data_e
 
 def test_ray_train_workarounds_reach_the_controller_and_drop_the_stalling_cleaner(ray_cluster):
     """Ray 2.60 Train V2 costs, pinned (README of the workarounds: catdog/training.py and
-    catdog/runtime.py): the PlacementGroupCleaner callback (a ~15 s stall at every fit's end) and,
+    catdog/process_env.py): the PlacementGroupCleaner callback (a ~15 s stall at every fit's end) and,
     without datasets, the Datasets callback are dropped; the controller's 2 s poll, which each
     per-epoch report waits for, is shortened and a local Ray's preemption watcher is off, both
     through the job's environment, which the controller actor inherits."""
@@ -348,7 +348,8 @@ def test_ray_train_workarounds_reach_the_controller_and_drop_the_stalling_cleane
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from catdog.runtime import LOCAL_RAY_ENV, SPEED_ENV, worker_runtime_env
+    from catdog.process_env import LOCAL_RAY_ENV, SPEED_ENV
+    from catdog.ray_session import worker_runtime_env
     from catdog.training import trainer_class
 
     def kinds(trainer) -> set[type]:
