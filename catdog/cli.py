@@ -35,7 +35,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     """Where and how the model runs: the flags jobs.score and jobs.evaluate share."""
-    from catdog.score_config import DEFAULT_CPU_BATCH_SIZE, DEFAULT_GPU_BATCH_SIZE, PRECISIONS
+    from catdog.model_options import PRECISIONS
+    from catdog.score_config import DEFAULT_CPU_BATCH_SIZE, DEFAULT_GPU_BATCH_SIZE
 
     parser.add_argument("--precision", default="float32", choices=PRECISIONS,
                         help="bfloat16 is faster on AMX/AVX512-BF16 CPUs; float16 for GPUs")

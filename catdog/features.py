@@ -40,7 +40,7 @@ BLOCK_ROWS = 64  # files per Ray Data block: enough blocks to keep several actor
 KEY_COLUMNS = ["path", "file_size", "mtime_ns"]
 # Bump when the extractor computes other features from the same weights and decoded pixels: a change
 # to catdog.model's preprocessing (ResNet50's "caffe" mode: RGB -> BGR minus the ImageNet mean), the
-# backbone graph or its pooling, or how catdog.model.inference_model folds it.
+# backbone graph or its pooling, or how catdog.inference.inference_model folds it.
 EXTRACTOR_VERSION = "resnet50caffe1"
 # Decode failures that the same bytes and decoder always repeat. Any other error (read_error, or a
 # kind added later) may be transient: it is not cached, and the next run tries the file again.
@@ -74,7 +74,7 @@ def _cacheable(error: str | None) -> bool:
 class FeatureEmbedder:
     """Ray Data actor: file paths -> backbone embeddings (decoding through catdog.imaging).
 
-    The driver's own extractor, already folded for inference (`catdog.model.inference_model`),
+    The driver's own extractor, already folded for inference (`catdog.inference.inference_model`),
     arrives as its config and an object-store reference to its weights: an actor neither
     rebuilds nor re-downloads the backbone, and computes with exactly the driver's weights.
     """
@@ -217,7 +217,7 @@ def build_features(
     Args:
         spec: `ModelSpec.to_dict()` of the model being trained (image size and head decide the features).
         extractor: the feature extractor to compute with, best folded for inference
-            (`catdog.model.inference_model`).
+            (`catdog.inference.inference_model`).
         fingerprint: `weights_fingerprint` of the extractor as built: one part of the cache key
             (`cache_folder`; the extractor's output dtype is another).
     """

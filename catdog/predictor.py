@@ -66,16 +66,17 @@ def load_checked(location: str, precision: str = "float32"):
     """Load a model (safe mode) with its class names, checking that they fit each other.
 
     Returns:
-        (keras model for inference at `precision` (`catdog.model.load_inference_model`), ModelInfo).
+        (keras model for inference at `precision` (`catdog.inference.load_inference_model`), ModelInfo).
 
     Raises:
         ModelLoadError: missing or unsafe model, missing classes.json, or a class count that does
             not match the model's outputs.
     """
     from catdog import model as catdog_model
+    from catdog.inference import load_inference_model
 
     class_names = load_class_names(location)
-    model = catdog_model.load_inference_model(location, precision)
+    model = load_inference_model(location, precision)
     input_shape, output_shape = model.input_shape, model.output_shape
     if len(input_shape) != 4 or input_shape[1] != input_shape[2] or input_shape[1] is None or input_shape[3] != 3:
         raise ModelLoadError(f"expected a model on square RGB images, got input shape {input_shape}")
@@ -148,12 +149,12 @@ class Predictor:
         self.concurrent_batches = configure_model_actor(use_gpu)
         import tensorflow as tf
 
-        from catdog import model as catdog_model
+        from catdog.inference import load_inference_model
 
         self._info = info
         self._class_names = np.array(info.class_names, dtype=object)
         self._schema = predictions_schema(info.class_names, with_true_label=with_true_label)
-        self._model = catdog_model.load_inference_model(info.location, precision)
+        self._model = load_inference_model(info.location, precision)
         if self._model.output_shape[-1] != len(info.class_names) or self._model.input_shape[1] != info.image_size:
             raise ModelLoadError(f"{info.location}: model shapes {self._model.input_shape} -> "
                                  f"{self._model.output_shape} do not fit {len(info.class_names)} classes")

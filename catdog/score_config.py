@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 
 from catdog.errors import CatdogError
 from catdog.imaging import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from catdog.model_options import PRECISIONS
 
-PRECISIONS = ("float32", "bfloat16", "float16")
 PARTITION_COLUMNS = ("label",)
 
 # Rows per predictor call. On CPU 64 halves Ray's per-batch cost against 32 (bfloat16 on 2 cores:

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass
 
 from catdog import storage
 from catdog.errors import CatdogError, InputError, ModelLoadError
+from catdog.model_options import HEADS
 
 MODES = ("cached", "end-to-end")
-HEADS = ("gap", "flatten")  # mirrors catdog.model.HEADS without importing TensorFlow
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # first bytes of every Keras .weights.h5 / .h5 file
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "catdog", "features")
 

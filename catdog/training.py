@@ -277,6 +277,7 @@ def _load_backbone(config: TrainConfig, num_classes: int):
 
     configure_tensorflow(config.use_gpu)
     from catdog import model as catdog_model
+    from catdog.inference import inference_model
 
     spec = catdog_model.ModelSpec(num_classes=num_classes, image_size=config.image_size, head=config.head,
                                   hidden_units=config.hidden_units, dropout=config.dropout)
@@ -290,7 +291,7 @@ def _load_backbone(config: TrainConfig, num_classes: int):
             f"could not download the ImageNet weights ({exc}); without internet pass --weights PATH "
             "(a ResNet50 notop .weights.h5 file, local or URI) or --weights none"
         ) from exc
-    fast = catdog_model.inference_model(extractor) if config.mode == "cached" else None
+    fast = inference_model(extractor) if config.mode == "cached" else None
     return spec, extractor, fast, catdog_model.weights_fingerprint(extractor)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from catdog.cli import add_common_arguments, configure_logging, run_job
+from catdog.model_options import PRECISIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -18,7 +19,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image", help="image file (path or URI)")
     parser.add_argument("--model", required=True, help="training run folder (model.keras + classes.json) or a .keras file")
-    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS)
     parser.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 100,000,000)")
     add_common_arguments(parser)
     return parser.parse_args(argv)

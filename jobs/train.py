@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 
 from catdog.cli import add_common_arguments, configure_logging, run_job
-from catdog.train_config import HEADS, MODES, TrainConfig
+from catdog.model_options import HEADS
+from catdog.train_config import MODES, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:

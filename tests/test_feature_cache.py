@@ -21,7 +21,8 @@ IMAGE_SIZE = 32
 @pytest.fixture(scope="module")
 def extractor():
     """The folded extractor the training job computes with, and its weights fingerprint."""
-    from catdog.model import ModelSpec, build_feature_extractor, inference_model, weights_fingerprint
+    from catdog.inference import inference_model
+    from catdog.model import ModelSpec, build_feature_extractor, weights_fingerprint
 
     spec = ModelSpec(num_classes=2, image_size=IMAGE_SIZE)
     built = build_feature_extractor(spec, None, seed=0)

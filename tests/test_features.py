@@ -75,7 +75,8 @@ def test_embeddings_from_the_concurrent_actor_pool_equal_the_extractor_in_proces
     from catdog.dataset import list_labelled_images, split_train_val
     from catdog.features import build_features
     from catdog.imaging import decode_image
-    from catdog.model import ModelSpec, build_feature_extractor, inference_model, weights_fingerprint
+    from catdog.inference import inference_model
+    from catdog.model import ModelSpec, build_feature_extractor, weights_fingerprint
 
     spec = ModelSpec(num_classes=2, image_size=32)
     extractor = inference_model(build_feature_extractor(spec, None, seed=0))

@@ -12,6 +12,8 @@ import pytest
 
 from catdog import model as M
 from catdog.errors import ModelLoadError
+from catdog.inference import inference_model, load_inference_model
+from catdog.model_options import DTYPE_POLICIES
 
 keras = M.keras
 SPEC = M.ModelSpec(num_classes=3, image_size=32)
@@ -61,7 +63,7 @@ def test_preprocessing_layer_is_preprocess_input_exactly_in_every_precision():
     """Integer pixels (what catdog decodes) through the built-in layer give bit for bit what
     `resnet50.preprocess_input` (the legacy ResNet50Preprocess layer) gives, at each precision."""
     x = _pixels(n=2, size=16, seed=8)
-    for policy in M.PRECISIONS.values():
+    for policy in DTYPE_POLICIES.values():
         config = {**M.build_preprocessing().get_config(), "dtype": policy}
         layer = keras.layers.Conv2D.from_config(config)
         layer.build((None, None, None, 3))
@@ -82,8 +84,8 @@ def test_run_folder_saved_with_the_legacy_preprocess_layer_still_loads(saved_run
     x = _pixels(seed=9)
     expected = np.asarray(full(x, training=False))
     np.testing.assert_allclose(M.load_model(str(tmp_path))(x, training=False), expected, atol=1e-6)
-    with caplog.at_level("DEBUG", logger="catdog.model"):
-        folded = M.load_inference_model(str(tmp_path))
+    with caplog.at_level("DEBUG", logger="catdog.inference"):
+        folded = load_inference_model(str(tmp_path))
     assert "not in the expected layout" not in caplog.text
     np.testing.assert_allclose(folded(x, training=False), expected, atol=1e-5)
 
@@ -109,7 +111,7 @@ def test_inference_model_folds_every_batchnorm_of_resnet50_exactly(tmp_path, hea
     _randomise_batchnorm(extractor)
     M.save_model(M.build_model(extractor, M.build_head(spec)), str(tmp_path / M.MODEL_FILENAME))
     saved = M.load_model(str(tmp_path))
-    fast = M.inference_model(saved, "float32")
+    fast = inference_model(saved, "float32")
     assert len(_layers_of(saved, keras.layers.BatchNormalization)) == 53
     assert _layers_of(fast, keras.layers.BatchNormalization) == []
     assert all(conv.use_bias for conv in _layers_of(fast, keras.layers.Conv2D))
@@ -130,10 +132,10 @@ def test_inference_model_straight_from_the_archive_equals_the_two_step_load(tmp_
     head = M.build_head(spec)
     head.set_weights([np.random.default_rng(6).normal(size=w.shape) for w in head.get_weights()])
     M.save_model(M.build_model(extractor, head), str(tmp_path / M.MODEL_FILENAME))
-    with caplog.at_level("DEBUG", logger="catdog.model"):
-        direct = M.load_inference_model(str(tmp_path), precision)
+    with caplog.at_level("DEBUG", logger="catdog.inference"):
+        direct = load_inference_model(str(tmp_path), precision)
     assert "not in the expected layout" not in caplog.text
-    two_step = M.inference_model(M.load_model(str(tmp_path)), precision)
+    two_step = inference_model(M.load_model(str(tmp_path)), precision)
     assert [w.path for w in direct.weights] == [w.path for w in two_step.weights]
     for got, expected in zip(direct.get_weights(), two_step.get_weights()):
         assert got.dtype == expected.dtype
@@ -150,9 +152,9 @@ def test_archive_with_unreadable_weights_is_a_user_error(saved_run, tmp_path):
         for name in source.namelist():
             broken.writestr(name, b"not hdf5" if name == "model.weights.h5" else source.read(name))
     with pytest.raises(ModelLoadError, match="could not load model"):
-        M.load_inference_model(str(tmp_path))
+        load_inference_model(str(tmp_path))
     with pytest.raises(ModelLoadError, match="precision must be one of"):
-        M.load_inference_model(str(run), "float64")
+        load_inference_model(str(run), "float64")
 
 
 def test_inference_model_folds_only_a_conv_that_feeds_its_batchnorm_alone():
@@ -164,7 +166,7 @@ def test_inference_model_folds_only_a_conv_that_feeds_its_batchnorm_alone():
     out = keras.layers.BatchNormalization(name="folded")(own)  # a model output: rewired to `own`
     model = keras.Model(pixels, [out, skip])
     _randomise_batchnorm(model)
-    fast = M.inference_model(model)
+    fast = inference_model(model)
     assert [layer.name for layer in _layers_of(fast, keras.layers.BatchNormalization)] == ["kept"]
     x = _pixels(n=2, size=8)
     for got, expected in zip(fast(x, training=False), model(x, training=False)):
@@ -173,7 +175,7 @@ def test_inference_model_folds_only_a_conv_that_feeds_its_batchnorm_alone():
 
 def test_bfloat16_within_tolerance_and_softmax_float32(saved_run):
     run, full, _ = saved_run
-    low = M.inference_model(M.load_model(str(run)), precision="bfloat16")
+    low = inference_model(M.load_model(str(run)), precision="bfloat16")
     x = _pixels(seed=2)
     probs = np.asarray(low(x))
     assert probs.dtype == np.float32
@@ -216,7 +218,7 @@ def test_lambda_layer_model_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="Lambda layers are refused"):
         M.load_model(str(tmp_path))
     with pytest.raises(ModelLoadError, match="Lambda layers are refused"):
-        M.load_inference_model(str(tmp_path))
+        load_inference_model(str(tmp_path))
 
 
 def test_random_backbone_is_identical_across_processes():

@@ -47,7 +47,8 @@ def _read(out: Path) -> pa.Table:
 def _in_process_probs(run: Path, paths: list[str], precision: str = "float32") -> np.ndarray:
     import tensorflow as tf
 
-    from catdog.model import inference_model, load_model
+    from catdog.inference import inference_model
+    from catdog.model import load_model
 
     model = inference_model(load_model(str(run)), precision)
     pixels = np.stack([decode_image(Path(p).read_bytes(), 32)[0] for p in paths])
