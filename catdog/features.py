@@ -92,7 +92,7 @@ class FeatureEmbedder:
         self.extractor.set_weights(ray.get(weights_ref[0]))  # in a list: Ray resolves only top-level refs
         self.width = int(np.prod(self.extractor.output_shape[1:]))
         # One trace for every batch length (the last batch, batches with unreadable files): each
-        # new shape would otherwise trace ResNet50 again (~1 s).
+        # new shape would otherwise trace ResNet50 again.
         self.forward = tf.function(
             lambda pixels: self.extractor(pixels, training=False),
             input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],

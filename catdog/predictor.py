@@ -6,14 +6,13 @@ failed to decode keep their error and get null probabilities. TensorFlow is impo
 model is loaded, so importing this module stays cheap.
 
 `describe_model` checks an artifact in the driver without TensorFlow (reading the .keras archive's
-config), so a scoring driver starts seconds sooner and ~1 GB smaller; the actors then load it.
+config), so a scoring driver starts sooner and stays small; the actors then load it.
 
 On CPU an actor runs two batches at once, each op on half the cores
 (`catdog.actor_pool.configure_model_actor`); on a GPU one batch at a time.
 
-Memory: one actor holds TensorFlow (~0.5 GB), the model (ResNet50: ~0.1 GB of weights) and the
-activations of the batches in flight (ResNet50 at 180 px, batch 64: peak 1.6 GB in all in float32
-and 1.25 GB in bfloat16 with two batches at once, 1.4 / 1.1 GB with one; measured).
+Memory: one actor holds TensorFlow, the model and the activations of the batches in flight; its
+peak is in benchmarks/README.md, Scoring speed.
 """
 
 from __future__ import annotations

@@ -176,8 +176,8 @@ def summarise(config: ReportConfig) -> dict:
     dataset = open_predictions(config.predictions)
     columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in dataset.schema.names]
     totals = _Accumulator(np.linspace(0.0, 1.0, config.bins + 1), config.threshold)
-    # One file at a time: a whole-dataset scan reads files ahead of a slow consumer and its memory
-    # grew with the folder (720 MiB at 20M rows); per-file scans stayed flat (~210 MiB at 5M and 20M).
+    # One file at a time: a whole-dataset scan reads files ahead of a slow consumer, so its memory
+    # grows with the folder; per-file scans stay flat (benchmarks/README.md, Report).
     for fragment in dataset.get_fragments():
         for batch in fragment.to_batches(schema=dataset.schema, columns=columns, batch_size=config.batch_size):
             totals.add(batch)

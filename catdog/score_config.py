@@ -10,8 +10,8 @@ from catdog.model_options import PRECISIONS
 
 PARTITION_COLUMNS = ("label",)
 
-# Rows per predictor call. On CPU 64 halves Ray's per-batch cost against 32 (bfloat16 on 2 cores:
-# steady ~67 -> ~83 img/s) with a predictor peak of 1.4 GB at 180 px; GPUs want larger batches.
+# Rows per predictor call. On CPU 64 halves Ray's per-batch cost against 32 at a modest predictor
+# peak (benchmarks/README.md, Scoring speed); GPUs want larger batches.
 DEFAULT_CPU_BATCH_SIZE = 64
 DEFAULT_GPU_BATCH_SIZE = 128
 # Rows per output file (at least): ~100-200 bytes a row, so a few MB per file -- analytics-friendly,

@@ -12,11 +12,10 @@ Python happens only in decoding (Pillow) -- never in the model call.
 Memory, per process: a decode task holds one batch of decoded pixels (batch x size^2 x 3 bytes)
 plus one full-size image while decoding it (bounded by --max-image-pixels: 100 MP x 3 B = 0.3 GB at
 the default; JPEGs decode at reduced scale). A predictor actor holds TensorFlow, the model and the
-activations of the two batches it runs at once on CPU (ResNet50, 180 px, batch 64: peak 1.6 GB in
-all in float32, 1.25 GB in bfloat16). When the object store
-fills, Ray Data backpressures the decode stage and Ray spills objects to disk rather than failing.
-Decoded pixels in flight are capped per run (`object_store_budget`), so memory does not grow with
-the number of images.
+activations of the two batches it runs at once on CPU (peak: benchmarks/README.md, Scoring speed).
+When the object store fills, Ray Data backpressures the decode stage and Ray spills objects to
+disk rather than failing. Decoded pixels in flight are capped per run (`object_store_budget`), so
+memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -52,10 +51,10 @@ WRITE_CPUS = 0.25
 # predictor batch per block (fast start); large ones up to this many paths per block.
 MAX_PATHS_PER_BLOCK = 1024
 TARGET_BLOCKS = 200
-# Object-store budget of one scoring run. Decoding is ~20x faster than the model on CPU, so by
-# default Ray Data lets decoded pixels pile up to half the object store: peak memory then grew
-# with the input (3.2 GB at 1,000 images, 4.4 GB at 10,000; benchmarks/score_bench.py). A fixed
-# budget of a few blocks and batches ahead keeps memory flat and the predictors fed.
+# Object-store budget of one scoring run. Decoding outpaces the model on CPU, so by default Ray
+# Data lets decoded pixels pile up to half the object store and peak memory grew with the input. A
+# fixed budget of a few blocks and batches ahead keeps memory flat and the predictors fed
+# (benchmarks/README.md, Scoring memory against input size).
 MIN_OBJECT_STORE_BUDGET = 512 * 2**20
 
 
@@ -153,7 +152,7 @@ def run_pipeline(todo: pa.Table, config: ScoreConfig, info: ModelInfo, run_id: s
     counter = progress.start_counter()
     with _object_store_budget(budget), progress.logging_progress(counter, todo.num_rows, config.progress_interval_s):
         # from_blocks, not from_arrow: from_arrow runs a remote metadata task per block, which on a
-        # fresh local Ray waits for worker processes to boot (~2.5 s before the first decode).
+        # fresh local Ray waits for worker processes to boot before the first decode.
         ds = ray.data.from_blocks(_blocks(_pipeline_columns(todo), batch_size))
         ds = ds.map_batches(
             decode_batch,

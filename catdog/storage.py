@@ -91,9 +91,8 @@ def list_files(location: str, extensions: Iterable[str] | None = None) -> list[F
 
 
 def read_bytes(location: str) -> bytes:
-    """Read a whole file. A random-access file reads an object in one sized request: a stream
-    read of a 94 MB model from an S3 server took 28.6 s against 0.26 s this way
-    (benchmarks/s3_read_bench.py)."""
+    """Read a whole file. A random-access file reads an object in one sized request; a stream's
+    cost grows much faster than the object (benchmarks/README.md, Reading whole objects from S3)."""
     fs, path = resolve(location)
     with fs.open_input_file(path) as f:
         return f.read()
