@@ -2,12 +2,24 @@
 
 Temperature scaling (Guo et al., 2017) divides the logits by one scalar T fitted on held-out data
 to minimise the negative log-likelihood; it changes confidences, never the predicted class.
+
+Training fits T on the validation set, which also picked the best epoch. So that the reported
+effect of T is not measured on the rows T was fitted to, `calibrate` splits the validation rows
+in two halves by a hash of each file's relative path and the run seed (like the train/validation
+split: a file's half never depends on which other files exist): T is fitted on the "fit" half,
+and the before/after ECE and NLL are computed on the "report" half only. The report half still
+took part in choosing the best epoch; it is held out from the temperature fit, not from training.
+When either half would hold fewer than MIN_ROWS_PER_HALF rows, no temperature is fitted (T = 1)
+and the summary says so.
+
 NumPy only, so the driver and evaluators can use it without TensorFlow.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from typing import Sequence
 
 import numpy as np
 
@@ -18,6 +30,10 @@ from catdog import metrics
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 20.0
 DEFAULT_BINS = 15
+# Below this many rows in either half, a fitted T is mostly noise and its held-out figures say
+# nothing: T stays 1 rather than being fitted and judged on a handful of rows.
+MIN_ROWS_PER_HALF = 10
+SPLIT_SALT = "calibration"  # keeps the halves independent of the train/validation hash of the same seed
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -64,7 +80,11 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, iterations: int = 60
 
 
 def calibration_summary(logits: np.ndarray, labels: np.ndarray, temperature: float, bins: int = DEFAULT_BINS) -> dict:
-    """ECE and NLL before (T = 1) and after temperature scaling."""
+    """ECE and NLL of these rows before (T = 1) and after temperature scaling.
+
+    Pass rows the temperature was not fitted on (`calibrate` does): on its own fit rows the NLL
+    after scaling is never above the NLL before, by construction.
+    """
     return {
         "temperature": temperature,
         "bins": bins,
@@ -77,3 +97,51 @@ def calibration_summary(logits: np.ndarray, labels: np.ndarray, temperature: flo
             "nll": negative_log_likelihood(logits, labels, temperature),
         },
     }
+
+
+def fit_half(relative_paths: Sequence[str], seed: int) -> np.ndarray:
+    """Which validation rows the temperature is fitted on (True) and which report its effect (False).
+
+    A row is in the fit half when sha256("calibration:<seed>:<relative path>") falls in the lower
+    half of its range: deterministic, about half of every class in expectation, and stable when
+    files are added or removed.
+    """
+    def position(path: str) -> float:
+        digest = hashlib.sha256(f"{SPLIT_SALT}:{seed}:{path}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    return np.array([position(path) < 0.5 for path in relative_paths], dtype=bool)
+
+
+def calibrate(logits: np.ndarray, labels: np.ndarray, relative_paths: Sequence[str], seed: int,
+              bins: int = DEFAULT_BINS) -> tuple[float, dict]:
+    """Fit the temperature on the fit half of the validation rows; report its effect on the other half.
+
+    Args:
+        logits: validation logits [n, classes] of the model being calibrated.
+        labels: their true labels [n].
+        relative_paths: each row's file path relative to its data root (decides its half).
+        seed: the run seed.
+
+    Returns:
+        The temperature (1.0 when the set is too small to split) and the summary for metrics.json:
+        `fitted`, `temperature`, `split` (the rule), `rows` (validation / fit / report counts),
+        `before` and `after` (ECE, NLL on the report rows; `after` is None when nothing was fitted,
+        and `before` then covers every validation row), and `note` when nothing was fitted.
+    """
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    fit = fit_half(relative_paths, seed)
+    rows = {"validation": int(fit.size), "fit": int(fit.sum()), "report": int((~fit).sum())}
+    split = (f"fit rows: sha256('{SPLIT_SALT}:{seed}:<relative path>') in the lower half; "
+             "report rows: the others (before/after are measured on the report rows only)")
+    if min(rows["fit"], rows["report"]) < MIN_ROWS_PER_HALF:
+        note = (f"not fitted: {rows['validation']} validation rows split {rows['fit']} fit / {rows['report']} report, "
+                f"fewer than {MIN_ROWS_PER_HALF} in a half; temperature left at 1 rather than fitted in-sample "
+                "(before: every validation row)")
+        before = {"ece": expected_calibration_error(softmax(logits), labels, bins),
+                  "nll": negative_log_likelihood(logits, labels)}
+        return 1.0, {"fitted": False, "temperature": 1.0, "bins": bins, "split": split, "rows": rows,
+                     "before": before, "after": None, "note": note}
+    temperature = fit_temperature(logits[fit], labels[fit])
+    summary = calibration_summary(logits[~fit], labels[~fit], temperature, bins)
+    return temperature, {"fitted": True, **summary, "split": split, "rows": rows}

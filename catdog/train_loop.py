@@ -12,6 +12,12 @@ decoded images in end-to-end mode come as Ray Data shards.
 Each epoch every worker calls `ray.train.report` (a barrier) with its metrics and a fingerprint
 of its own head weights; rank 0 attaches a small checkpoint (head, best head, optimizer state,
 history), from which a restarted worker group resumes at the next epoch.
+
+Seeds: the run seed builds the head, so every worker starts from the same weights (MWMS also
+broadcasts rank 0's initial values, the dropout seed state included). Then each worker re-seeds
+its own randomness, dropout masks and augmentation, from `worker_seed` (run seed, rank, first
+epoch it trains), so workers do not repeat each other's masks. The cached-mode shuffle stays
+rank-free on purpose: every worker must draw the same permutation for the shards to be disjoint.
 """
 
 from __future__ import annotations
@@ -95,9 +101,41 @@ def embedding_arrays(table) -> tuple[np.ndarray, np.ndarray]:
     return features, table.column("label").to_numpy().astype(np.int32)
 
 
+def worker_seed(run_seed: int, rank: int, epoch: int) -> int:
+    """The seed of one worker's own randomness (dropout masks, augmentation) from `epoch` on.
+
+    NumPy's SeedSequence of (run seed, rank, epoch): independent streams per rank, not neighbouring
+    integers; the epoch is the first one the worker trains, so a resumed worker group does not
+    replay the masks of epoch 1.
+    """
+    return int(np.random.SeedSequence([run_seed, rank, epoch]).generate_state(1)[0])
+
+
+def shuffle_seed(run_seed: int, epoch: int) -> int:
+    """Seed of cached mode's per-epoch permutation: the same on every rank, so shards are disjoint."""
+    return run_seed * 1000 + epoch
+
+
+def seed_worker_randomness(models: list, seed: int) -> list[int]:
+    """Seed Python, NumPy, TensorFlow and Keras with `seed`, and every random layer of `models`.
+
+    A Keras random layer (Dropout, RandomFlip, ...) draws from its own seed generator, whose state
+    was set when the layer was built (and under MWMS broadcast from rank 0), so it is assigned here
+    explicitly; weights are not touched. Returns the seeds the layers got, in order.
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    states = [v for model in models for v in model.variables if v.name == "seed_generator_state"]
+    seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(len(states))]
+    for state, value in zip(states, seeds):
+        state.assign(np.array([value, 0], dtype=state.dtype))  # the [seed, counter] a SeedGenerator starts from
+    return seeds
+
+
 def cached_batches(features: np.ndarray, labels: np.ndarray, rank: int, world: int, batch_size: int,
-                   seed: int | None):
-    """Batches {"features", "label"} of this worker's shard of the embeddings.
+                   seed: int | None, paths: np.ndarray | None = None):
+    """Batches {"features", "label"} (and "path" when `paths` are given) of this worker's shard.
 
     With a seed (training), every worker draws the same permutation of all rows and takes its own
     equal slice of it, so the shards are disjoint, equally long (the MultiWorkerMirroredStrategy
@@ -112,14 +150,17 @@ def cached_batches(features: np.ndarray, labels: np.ndarray, rank: int, world: i
         rows = np.random.default_rng(seed).permutation(n)[rank * per_worker:(rank + 1) * per_worker]
     for start in range(0, len(rows), batch_size):
         picked = rows[start:start + batch_size]
-        yield {"features": features[picked], "label": labels[picked]}
+        batch = {"features": features[picked], "label": labels[picked]}
+        if paths is not None:
+            batch["path"] = paths[picked]
+        yield batch
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
     """Ray Train entry point, run on every worker. `config` is built by catdog.training.
 
-    Returns (rank 0 only) the validation logits of the best head and their labels, for the
-    driver's temperature scaling and validation report.
+    Returns (rank 0 only) the validation logits of the best head, their labels and file paths,
+    for the driver's temperature scaling and validation report, and each rank's dropout seed.
     """
     configure_tensorflow(config["use_gpu"])
     import keras
@@ -155,6 +196,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
     resumed_from = state["epoch"]
     if resumed_from:
         logger.info("Worker %d resumes after epoch %d", rank, resumed_from)
+    # weights are equal everywhere by now; from here on each rank draws its own masks
+    own_seed = worker_seed(config["seed"], rank, resumed_from + 1)
+    seed_worker_randomness([head] + ([augmenter] if augmenter is not None else []), own_seed)
+    # None when dropout is 0 (Keras then makes no seed generator)
+    dropout_state = next((v for v in head.variables if v.name == "seed_generator_state"), None)
 
     # ---- steps ---------------------------------------------------------------------------------
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
@@ -194,6 +240,15 @@ def train_loop_per_worker(config: dict) -> dict | None:
         per_replica = strategy.run(lambda: tf.identity(values))
         return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
 
+    @tf.function
+    def gather_over_workers(values):  # [k] on each rank -> [world, k] in rank order
+        per_replica = strategy.run(lambda: tf.identity(values)[tf.newaxis])
+        return strategy.gather(per_replica, axis=0)
+
+    # the seed each rank's dropout actually holds now (exact in float64: 32-bit), for metrics.json
+    own_dropout_seed = tf.constant([float(dropout_state.numpy()[0]) if dropout_state is not None else -1.0], tf.float64)
+    dropout_seeds = [int(v) for v in np.asarray(gather_over_workers(own_dropout_seed))[:, 0]]  # -1: no dropout
+
     # ---- data: cached embeddings from the object store, or Ray Data shards of decoded images ------
     if end_to_end:
         train_shard = ray.train.get_dataset_shard("train")
@@ -203,28 +258,32 @@ def train_loop_per_worker(config: dict) -> dict | None:
                                                local_shuffle_buffer_size=SHUFFLE_BUFFER,
                                                local_shuffle_seed=config["seed"] * 1000 + epoch * world + rank)
 
-        def val_batches():
-            return ray.train.get_dataset_shard("val").iter_tf_batches(batch_size=VAL_BATCH_SIZE)
+        def val_batches():  # NumPy batches: the path column stays Python strings
+            return ray.train.get_dataset_shard("val").iter_batches(batch_size=VAL_BATCH_SIZE, batch_format="numpy")
     else:
         # refs in the config, or from the driver's handoff actor once it has computed them
         refs = config["feature_refs"] or ray.get(config["feature_handoff"].get.remote())
         train_arrays = embedding_arrays(ray.get(refs["train"]))
-        val_arrays = embedding_arrays(ray.get(refs["val"]))
+        val_table = ray.get(refs["val"])
+        val_arrays = embedding_arrays(val_table)
+        val_paths = np.asarray(val_table.column("path").to_pylist(), dtype=object)
 
         def train_batches(epoch: int):
             return cached_batches(*train_arrays, rank, world, config["per_worker_batch_size"],
-                                  seed=config["seed"] * 1000 + epoch)
+                                  seed=shuffle_seed(config["seed"], epoch))
 
         def val_batches():
-            return cached_batches(*val_arrays, rank, world, VAL_BATCH_SIZE, seed=None)
+            return cached_batches(*val_arrays, rank, world, VAL_BATCH_SIZE, seed=None, paths=val_paths)
 
-    def evaluate(model) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and labels of the whole validation set (every worker sees all of it)."""
-        logits, labels = [], []
+    def evaluate(model) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Logits, labels and file paths of the whole validation set (every worker sees all of it)."""
+        logits, labels, paths = [], [], []
         for batch in val_batches():
-            logits.append(np.asarray(forward(model, batch)))
+            model_inputs = {key: value for key, value in batch.items() if key != "path"}
+            logits.append(np.asarray(forward(model, model_inputs)))
             labels.append(np.asarray(batch["label"]))
-        return np.concatenate(logits).astype(np.float64), np.concatenate(labels).astype(np.int64)
+            paths.extend(str(path) for path in batch["path"])
+        return np.concatenate(logits).astype(np.float64), np.concatenate(labels).astype(np.int64), paths
 
     # ---- epochs --------------------------------------------------------------------------------
     for epoch in range(state["epoch"] + 1, config["epochs"] + 1):
@@ -234,7 +293,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         totals = np.zeros(3)
         for batch in train_batches(epoch):
             totals += np.array([float(v) for v in train_step(batch)])
-        logits, labels = evaluate(logits_model)
+        logits, labels, _ = evaluate(logits_model)
         val_loss = float(np.mean(loss_fn(labels, logits)))
         val_accuracy = float(np.mean(np.argmax(logits, axis=-1) == labels))
         val_loss, val_accuracy = (float(v) for v in mean_over_workers(tf.constant([val_loss, val_accuracy], tf.float64)))
@@ -267,5 +326,6 @@ def train_loop_per_worker(config: dict) -> dict | None:
     # ---- best head on the validation set, for temperature scaling --------------------------------
     if rank != 0:
         return None
-    logits, labels = evaluate(best_logits_model)
-    return {"val_logits": logits.astype(np.float32), "val_labels": labels, "state": state}
+    logits, labels, paths = evaluate(best_logits_model)
+    return {"val_logits": logits.astype(np.float32), "val_labels": labels, "val_paths": paths, "state": state,
+            "dropout_seeds": dropout_seeds}

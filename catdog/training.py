@@ -2,7 +2,8 @@
 
     list + split -> embeddings (cached mode, catdog.features) or decoded images (end-to-end)
       -> TensorflowTrainer(catdog.train_loop.train_loop_per_worker) with fault tolerance
-      -> best head + fitted temperature + frozen extractor -> model.keras and run files
+      -> best head + temperature (fitted on half the validation rows, judged on the other half,
+         catdog.calibration.calibrate) + frozen extractor -> model.keras and run files
 
 In cached mode the embeddings are computed while Ray Train starts (the workers wait for them at a
 FeatureHandoff actor) whenever the cluster holds the workers and the embedding actors together.
@@ -104,10 +105,11 @@ def _decoded_datasets(train: LabelledImages, val: LabelledImages, config: TrainC
         return {"path": batch["path"], "label": batch["label"], "image": out["image"],
                 "readable": readable, "error": np.array([e or "" for e in out["error"]], dtype=object)}
 
-    def decodable(batch: dict) -> dict:
-        return {"image": batch["image"][batch["readable"]], "label": batch["label"][batch["readable"]]}
+    def decodable(batch: dict, keep_path: bool) -> dict:
+        columns = ["image", "label"] + (["path"] if keep_path else [])  # validation paths: calibration halves
+        return {name: batch[name][batch["readable"]] for name in columns}
 
-    def load(images: LabelledImages):
+    def load(images: LabelledImages, keep_path: bool):
         table = pa.table({"path": images.paths, "label": pa.array(images.labels, pa.int32())})
         blocks = [table.slice(i, DECODE_BATCH * 2) for i in range(0, table.num_rows, DECODE_BATCH * 2)]
         decoded = ray.data.from_blocks(blocks).map_batches(
@@ -115,9 +117,10 @@ def _decoded_datasets(train: LabelledImages, val: LabelledImages, config: TrainC
         ).materialize()
         outcomes = decoded.select_columns(["path", "readable", "error"]).take_all()
         errors = [{"path": row["path"], "error": row["error"]} for row in outcomes if not row["readable"]]
-        return decoded.map_batches(decodable, batch_format="numpy").materialize(), errors
+        kept = decoded.map_batches(decodable, batch_format="numpy", fn_kwargs={"keep_path": keep_path})
+        return kept.materialize(), errors
 
-    (train_ds, train_errors), (val_ds, val_errors) = load(train), load(val)
+    (train_ds, train_errors), (val_ds, val_errors) = load(train, keep_path=False), load(val, keep_path=True)
     skipped = sorted(({"path": e["path"], "error": e["error"]} for e in train_errors + val_errors), key=lambda e: e["path"])
     return _TrainingData(skipped, train_ds.count(), val_ds.count(), datasets={"train": train_ds, "val": val_ds})
 
@@ -136,7 +139,7 @@ def _cached_features(train: LabelledImages, val: LabelledImages, config: TrainCo
     # Embeddings are small (8 KB per image): the workers read them from the object store, with no
     # Ray Data split coordinator to start (catdog.train_loop.cached_batches shards them).
     refs = {"train": ray.put(features.train.select(["label", "features"])),
-            "val": ray.put(features.val.select(["label", "features"]))}
+            "val": ray.put(features.val.select(["path", "label", "features"]))}  # paths: calibration halves
     cache = {"location": features.location, "reused": features.reused, "computed": features.computed}
     return _TrainingData(features.skipped, features.train.num_rows, features.val.num_rows, feature_refs=refs,
                          cache=cache)
@@ -375,7 +378,11 @@ def train(config: TrainConfig) -> TrainResult:
     step = time.perf_counter()
     returned = result.return_value
     logits, labels, state = returned["val_logits"], returned["val_labels"], returned["state"]
-    temperature = calibration.fit_temperature(logits, labels)
+    relative = dict(zip(val_images.paths, val_images.relative_paths))
+    temperature, calibration_report = calibration.calibrate(
+        logits, labels, [relative[path] for path in returned["val_paths"]], config.seed)
+    if not calibration_report["fitted"]:
+        logger.warning("Temperature %s", calibration_report["note"])
     model = _final_model(extractor, spec, result.checkpoint, temperature)
     catdog_model.save_model(model, catdog_model.model_file(config.output))
     history = state["history"]
@@ -389,7 +396,9 @@ def train(config: TrainConfig) -> TrainResult:
         "epochs_run": len(history),
         "stopped_early": state["stopped_early"],
         "validation": train_artifacts.classification_report(labels, np.argmax(logits, axis=1), class_names),
-        "calibration": calibration.calibration_summary(logits, labels, temperature),
+        "calibration": calibration_report,
+        # per rank: dropout (and augmentation) seeds differ, the initial weights do not
+        "seeds": {"run": config.seed, "dropout_by_rank": returned["dropout_seeds"]},
         "data": {
             "classes": class_names,
             "train_listed": train_images.class_counts(), "val_listed": val_images.class_counts(),

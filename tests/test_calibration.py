@@ -7,12 +7,16 @@ import pytest
 
 from catdog.calibration import (
     MAX_TEMPERATURE,
+    MIN_ROWS_PER_HALF,
+    calibrate,
     calibration_summary,
     expected_calibration_error,
+    fit_half,
     fit_temperature,
     negative_log_likelihood,
     softmax,
 )
+from catdog.dataset import split_fraction
 
 
 def _sample(true_temperature: float, n: int = 20_000, classes: int = 3, seed: int = 0):
@@ -30,13 +34,61 @@ def test_fit_recovers_the_temperature_that_generated_the_labels(true_temperature
     assert fit_temperature(logits, labels) == pytest.approx(true_temperature, rel=0.08)
 
 
-def test_scaling_an_overconfident_model_lowers_nll_and_ece():
-    logits, labels = _sample(2.5)  # raw logits are 2.5x too sharp
-    summary = calibration_summary(logits, labels, fit_temperature(logits, labels))
+def _paths(n: int) -> list[str]:
+    return [f"{('cats', 'dogs')[i % 2]}/img_{i:05d}.jpg" for i in range(n)]
+
+
+def test_a_temperature_fitted_on_one_sample_lowers_nll_and_ece_on_another():
+    logits, labels = _sample(2.5, seed=0)  # raw logits are 2.5x too sharp
+    unseen_logits, unseen_labels = _sample(2.5, seed=1)
+    summary = calibration_summary(unseen_logits, unseen_labels, fit_temperature(logits, labels))
     assert summary["after"]["nll"] < summary["before"]["nll"]
     assert summary["after"]["ece"] < 0.03 < summary["before"]["ece"]
     # the predicted class never changes
-    assert (softmax(logits, summary["temperature"]).argmax(1) == logits.argmax(1)).all()
+    assert (softmax(unseen_logits, summary["temperature"]).argmax(1) == unseen_logits.argmax(1)).all()
+
+
+def test_halves_are_disjoint_cover_every_row_and_keep_their_side_when_files_are_added():
+    paths = _paths(2000)
+    fit = fit_half(paths, seed=123)
+    assert fit.dtype == bool and fit.shape == (2000,)  # one side per row: disjoint, and together all rows
+    assert 0.45 < fit.mean() < 0.55
+    assert (fit_half(paths + _paths(3000)[2000:], seed=123)[:2000] == fit).all()  # stable when files are added
+    assert (fit_half(paths[::-1], seed=123) == fit[::-1]).all()  # a row's side does not depend on the order
+    assert (fit_half(paths, seed=124) != fit).mean() > 0.4  # another seed, other halves
+    # independent of the train/validation hash: validation is not just one end of the calibration hash
+    train_val = np.array([split_fraction(p, 123) < 0.5 for p in paths])
+    assert 0.4 < (train_val == fit).mean() < 0.6
+
+
+def test_calibrate_fits_on_the_fit_half_and_reports_only_on_the_held_out_half():
+    logits, labels = _sample(2.5, n=4000)
+    paths = _paths(4000)
+    temperature, summary = calibrate(logits, labels, paths, seed=7)
+    fit = fit_half(paths, 7)
+    assert summary["fitted"] is True
+    assert summary["rows"] == {"validation": 4000, "fit": int(fit.sum()), "report": int((~fit).sum())}
+    assert summary["temperature"] == temperature == pytest.approx(fit_temperature(logits[fit], labels[fit]))
+    assert temperature == pytest.approx(2.5, rel=0.15)
+    held_out = calibration_summary(logits[~fit], labels[~fit], temperature)
+    assert summary["before"] == held_out["before"] and summary["after"] == held_out["after"]
+    in_sample = calibration_summary(logits[fit], labels[fit], temperature)
+    assert summary["after"]["nll"] != in_sample["after"]["nll"]
+    # the overconfident model is better calibrated on rows the fit never saw
+    assert summary["after"]["nll"] < summary["before"]["nll"] - 0.05
+    assert summary["after"]["ece"] < summary["before"]["ece"]
+    assert "sha256('calibration:7:<relative path>')" in summary["split"]
+
+
+def test_a_validation_set_too_small_to_split_is_not_calibrated_in_sample():
+    n = 2 * MIN_ROWS_PER_HALF - 2  # one half is necessarily below the minimum
+    logits, labels = _sample(2.5, n=n)
+    temperature, summary = calibrate(logits, labels, _paths(n), seed=0)
+    assert temperature == 1.0 and summary["temperature"] == 1.0
+    assert summary["fitted"] is False and summary["after"] is None
+    assert summary["rows"]["validation"] == n and summary["rows"]["fit"] + summary["rows"]["report"] == n
+    assert "not fitted" in summary["note"] and str(MIN_ROWS_PER_HALF) in summary["note"]
+    assert summary["before"]["nll"] == pytest.approx(negative_log_likelihood(logits, labels))
 
 
 def test_ece_of_calibrated_probabilities_is_small_and_of_wrong_certainty_is_large():

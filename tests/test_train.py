@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from catdog.calibration import MIN_ROWS_PER_HALF, fit_half
 from catdog.dataset import list_labelled_images, split_train_val
 from catdog.train_config import TrainConfig
 
@@ -121,6 +122,62 @@ def test_cached_batches_give_workers_disjoint_equal_shards_reshuffled_each_epoch
     assert rows(0, None) == rows(1, None) == list(range(n))  # validation: every worker, every row
 
 
+def test_worker_seeds_differ_by_rank_while_the_shard_permutation_is_shared():
+    from catdog.train_loop import cached_batches, shuffle_seed, worker_seed
+
+    world, n, epoch = 3, 31, 2
+    seeds = [worker_seed(123, rank, epoch) for rank in range(world)]
+    assert len(set(seeds)) == world and all(0 <= seed < 2**32 for seed in seeds)
+    assert worker_seed(123, 0, epoch) == seeds[0]  # deterministic
+    assert worker_seed(123, 0, epoch + 1) != seeds[0]  # a resumed worker group does not replay epoch 1's masks
+    assert worker_seed(124, 0, epoch) != seeds[0]
+    # the training permutation's seed is rank-free, so the ranks' slices are disjoint and cover
+    # every row but the n % world left out this epoch
+    features, labels = np.arange(n, dtype=np.float32)[:, None], np.zeros(n, np.int32)
+    shards = [[int(r) for b in cached_batches(features, labels, rank, world, 4, shuffle_seed(123, epoch))
+               for r in b["features"][:, 0]] for rank in range(world)]
+    assert [len(shard) for shard in shards] == [n // world] * world
+    assert len(set().union(*shards)) == n // world * world
+
+
+def test_seeding_a_worker_changes_its_dropout_masks_not_its_weights():
+    import keras
+    import tensorflow as tf
+
+    from catdog.model import ModelSpec, build_head
+    from catdog.train_loop import _build_augmenter, seed_worker_randomness, worker_seed
+
+    spec = ModelSpec(num_classes=2, image_size=32, hidden_units=64, dropout=0.5)
+    keras.utils.set_random_seed(123)
+    head = build_head(spec)
+    hidden = keras.Model(head.input, [head.get_layer("hidden").output, head.get_layer("dropout").output])
+    weights = [w.copy() for w in head.get_weights()]
+    x = tf.ones((8, *spec.feature_shape))
+
+    def masks(rank: int) -> np.ndarray:  # which active units dropout zeroed
+        seed_worker_randomness([head], worker_seed(123, rank, 1))
+        active, dropped = (np.asarray(t) for t in hidden(x, training=True))
+        return (dropped == 0)[active > 0]
+
+    rank0, rank1 = masks(0), masks(1)
+    assert 0.3 < rank0.mean() < 0.7 and (rank0 != rank1).mean() > 0.3
+    assert (masks(0) == rank0).all()  # the same rank and epoch: the same masks again
+    for before, after in zip(weights, head.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    augmenter = _build_augmenter(32)
+    layer_seeds = seed_worker_randomness([head, augmenter], worker_seed(123, 0, 1))
+    assert len(layer_seeds) == 4 and len(set(layer_seeds)) == 4  # dropout, flip, rotation, crop: one each
+    images = tf.random.uniform((4, 32, 32, 3), 0, 255, seed=1)
+
+    def augment(rank: int) -> np.ndarray:
+        seed_worker_randomness([augmenter], worker_seed(123, rank, 1))
+        return np.asarray(augmenter(images, training=True))
+
+    rank0 = augment(0)
+    np.testing.assert_array_equal(augment(0), rank0)
+    assert not np.allclose(augment(1), rank0)  # each rank flips, rotates and crops its own way
+
+
 def test_help_lists_every_flag_of_the_issue():
     result = _run_cli("--help", timeout=60)
     assert result.returncode == 0
@@ -153,12 +210,16 @@ def training_data(sample_images, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_worker_run(ray_cluster, training_data, cache_dir, tmp_path_factory):
-    """2 workers, cached features, random-init backbone, 32 px: the run several tests inspect."""
+    """2 workers, cached features, random-init backbone, 32 px: the run several tests inspect.
+
+    A validation fraction of 0.4 gives 37 readable validation images, enough for both
+    calibration halves (catdog.calibration.MIN_ROWS_PER_HALF); the default 0.2 gives 19."""
     from catdog.training import train
 
     output = tmp_path_factory.mktemp("runs") / "two-workers"
     config = TrainConfig(data=str(training_data), output=str(output), weights="none", image_size=32, epochs=6,
-                         patience=3, num_workers=2, cache_dir=str(cache_dir), keep_checkpoints=2, seed=123)
+                         patience=3, num_workers=2, cache_dir=str(cache_dir), keep_checkpoints=2, seed=123,
+                         val_fraction=0.4)
     result = train(config)
     return config, output, result
 
@@ -177,6 +238,9 @@ def test_two_workers_reach_high_accuracy_with_identical_weights(two_worker_run):
     for epoch, pair in fingerprints.items():
         assert len(pair) == 2 and pair[0] == pair[1], (epoch, pair)
     assert len({pair[0] for pair in fingerprints.values()}) == len(fingerprints)  # weights did change every epoch
+    # ... while each worker drew its own dropout masks (seed states gathered from the workers)
+    dropout = metrics["seeds"]["dropout_by_rank"]
+    assert metrics["seeds"]["run"] == config.seed and len(dropout) == 2 and dropout[0] != dropout[1]
 
 
 @pytest.mark.slow
@@ -203,9 +267,16 @@ def test_run_folder_holds_every_artifact(two_worker_run, training_data):
     assert metrics["cache"]["alongside_ray_train_start"] is True  # 2 workers + 2 embedding actors fit 2 CPUs
     assert set(metrics["validation"]["per_class"]) == {"cats", "dogs"}
     assert np.sum(metrics["validation"]["confusion_matrix"]) == data["val_images"]
+    calibration = metrics["calibration"]
     for key in ("before", "after"):
-        assert set(metrics["calibration"][key]) == {"ece", "nll"}
-    assert metrics["calibration"]["after"]["nll"] <= metrics["calibration"]["before"]["nll"] + 1e-9
+        assert set(calibration[key]) == {"ece", "nll"}
+    # fitted on one half of the readable validation rows, reported on the other: recomputed here
+    readable = _readable_validation(config)
+    assert len(readable) == data["val_images"]
+    fit = fit_half(readable, config.seed)
+    assert calibration["fitted"] is True
+    assert calibration["rows"] == {"validation": data["val_images"], "fit": int(fit.sum()), "report": int((~fit).sum())}
+    assert min(calibration["rows"]["fit"], calibration["rows"]["report"]) >= MIN_ROWS_PER_HALF
     checkpoints = [p for p in (output / "checkpoints").glob("train-*/epoch-*") if p.is_dir()]
     assert 1 <= len(checkpoints) <= config.keep_checkpoints + 1  # best K by val_loss, plus the latest
     assert all((p / "best_head.weights.h5").stat().st_size < 10_000_000 for p in checkpoints)  # head only
@@ -217,6 +288,13 @@ def test_unreadable_images_are_skipped_counted_and_listed(two_worker_run, traini
     assert [s["path"] for s in skipped] == [str(training_data / "cats" / "notes.jpg"),
                                              str(training_data / "dogs" / "nested" / "cut.jpg")]
     assert [s["error"].split(":")[0] for s in skipped] == ["not_an_image", "truncated"]
+
+
+def _readable_validation(config: TrainConfig) -> list[str]:
+    """Relative paths of the run's validation images that decode (the unreadable ones are skipped)."""
+    _, val = split_train_val(list_labelled_images(config.data), config.val_fraction, config.seed)
+    broken = {"cats/notes.jpg", "dogs/nested/cut.jpg"}
+    return [path for path in val.relative_paths if path not in broken]
 
 
 @pytest.mark.slow
@@ -236,9 +314,12 @@ def test_saved_model_scores_validation_images_with_the_fitted_temperature(two_wo
     assert np.mean(probabilities.argmax(axis=1) == labels) >= 0.95
     temperature = metrics["calibration"]["temperature"]
     assert model.get_layer("head").get_layer("temperature").scale == pytest.approx(1 / temperature)
-    # the model's probabilities are softmax(logits / T): their NLL is the "after" figure of metrics.json
-    log_probs = np.log(np.clip(probabilities, 1e-300, 1.0))
-    nll = -np.mean(log_probs[np.arange(len(labels)), labels])
+    # the model's probabilities are softmax(logits / T): on the report half only (the rows the
+    # temperature was not fitted on), their NLL is the "after" figure of metrics.json
+    report = ~fit_half(np.array(val.relative_paths)[readable], config.seed)
+    assert int(report.sum()) == metrics["calibration"]["rows"]["report"]
+    log_probs = np.log(np.clip(probabilities[report], 1e-300, 1.0))
+    nll = -np.mean(log_probs[np.arange(int(report.sum())), labels[report]])
     assert nll == pytest.approx(metrics["calibration"]["after"]["nll"], abs=1e-3)
 
 
@@ -276,6 +357,13 @@ def test_end_to_end_with_augmentation_on_a_saved_weights_file(ray_cluster, train
 
     metrics = _read(output, "metrics.json")
     assert metrics["workers"]["weights_in_sync"] is True and metrics["epochs_run"] == 2
+    assert len(set(metrics["seeds"]["dropout_by_rank"])) == 2  # augmentation and dropout differ by rank
+    # 13 validation images: too few for two calibration halves, so no temperature, and it says so
+    calibration = metrics["calibration"]
+    assert calibration["fitted"] is False and calibration["temperature"] == 1.0 and calibration["after"] is None
+    assert calibration["rows"]["validation"] == metrics["data"]["val_images"] == 13
+    assert "not fitted" in calibration["note"]
+    assert load_model(str(output)).get_layer("head").get_layer("temperature").scale == pytest.approx(1.0)
     assert metrics["cache"] is None
     assert metrics["data"]["skipped"] == 2  # decoded per run in this mode, still skipped and listed
     assert metrics["backbone_fingerprint"] != _read(two_worker_run[1], "metrics.json")["backbone_fingerprint"]
