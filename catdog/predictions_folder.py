@@ -4,6 +4,8 @@ Layout of an output folder (local path or URI):
 
     catdog-<run id>-<write uuid>_<task>-<i>.parquet   part files (under label=<class>/ when partitioned)
     _catdog_run.json                                  written first: model id, classes, layout
+    _listing/chunk-<n>.listing                        the files this output was scored from (Parquet)
+    _todo/                                            a resumed run's files to score (while it runs)
     _quarantine/                                      part files set aside by --resume (truncated, superseded)
     _SUCCESS.json                                     written last: the run summary
 
@@ -14,8 +16,9 @@ What belongs to this output: the files above at its top level and part files in 
 folders. A sub-folder holding its own `_catdog_run.json` is another output and is never entered;
 `--overwrite` deletes only this output's files, and nothing else in the folder.
 
-Memory: listing the folder holds one entry per part file (thousands, not per row). Resume and
-accounting read the `path` column of every row into the driver (~100 bytes per row).
+Memory: listing the folder holds one entry per part file (thousands, not per row). Rows and the
+listing are read a batch at a time; resume and accounting compare them bucket by bucket
+(`catdog.ledger`). Replacing rows holds the paths being replaced.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,6 +47,10 @@ logger = logging.getLogger(__name__)
 SUCCESS_FILE = "_SUCCESS.json"
 RUN_MARKER = "_catdog_run.json"
 QUARANTINE_DIR = "_quarantine"
+LISTING_DIR = "_listing"
+TODO_DIR = "_todo"
+# Parquet files named so that no `*.parquet` glob over the output, however deep, takes them for rows.
+_LISTING_CHUNK = re.compile(r"^chunk-\d{6,}\.listing$")
 PART_PREFIX = "catdog-"
 PARTITION_PREFIX = "label="
 # Our part file names, as written by Ray's parquet datasink from PartFilenameProvider's template.
@@ -51,10 +59,22 @@ _SUCCESS_TEMPORARY = re.compile(r"^_SUCCESS\.[0-9a-f]{8}\.tmp$")
 # Columns that identify the content a row was scored from; a resume rescores a file when they changed.
 FILE_SIZE_COLUMN = "file_size"
 FILE_MODIFIED_COLUMN = "file_modified"
+_IDENTITY_TYPES = {FILE_SIZE_COLUMN: pa.int64(), FILE_MODIFIED_COLUMN: pa.timestamp("us", tz="UTC")}
 
 
 class AccountingError(RuntimeError):
     """The output does not hold exactly one row per listed file (a bug or a concurrent writer)."""
+
+    duplicated_paths: pa.Array
+
+
+Tables = Iterable[pa.Table] | pa.Array  # a stream of tables with `path`, or the paths in one array
+
+
+def _as_tables(value: Tables) -> Iterable[pa.Table]:
+    if isinstance(value, (pa.Array, pa.ChunkedArray)):
+        return [pa.table({"path": value})]
+    return value
 
 
 def new_run_id() -> str:
@@ -85,15 +105,10 @@ class PartFilenameProvider(FilenameProvider):
 class ResumeState:
     """What an output folder already holds when a run starts, after the resume checks."""
 
-    done: pa.Table = field(default_factory=lambda: pa.table({"path": pa.array([], pa.string())}))
     kept_files: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
     deleted: int = 0
     created: bool = False  # the run made the folder
-
-    @property
-    def done_paths(self) -> pa.Array:
-        return self.done["path"].combine_chunks()
 
 
 class PredictionsFolder:
@@ -153,6 +168,58 @@ class PredictionsFolder:
         if not files:
             raise CatdogError(f"no catdog predictions in {self.location}")
         return self._dataset(files).to_table(columns=list(columns) if columns else None)
+
+    def iter_rows(self, columns: Sequence[str], batch_rows: int = 100_000) -> Iterator[pa.Table]:
+        """Our rows, a batch at a time; a column an older file lacks comes back null."""
+        files = self.part_files()
+        if not files:
+            return
+        dataset = pads.dataset(files, filesystem=self.fs, format="parquet")
+        present = [c for c in columns if c in dataset.schema.names]
+        for batch in dataset.to_batches(columns=present, batch_size=batch_rows):
+            table = pa.Table.from_batches([batch])
+            for name in columns:
+                if name not in present:
+                    table = table.append_column(name, pa.nulls(table.num_rows, _IDENTITY_TYPES.get(name, pa.string())))
+            yield table
+
+    def _own_chunks(self, folder: str, pattern: re.Pattern) -> list[str]:
+        return sorted(i.path for i in self._children(posixpath.join(self.root, folder))
+                      if i.type == pafs.FileType.File and pattern.match(posixpath.basename(i.path)))
+
+    def write_listing_chunk(self, index: int, table: pa.Table) -> None:
+        """Keep one listing chunk; a retried chunk replaces its first write (the name is its index)."""
+        self.write_chunk(LISTING_DIR, index, table)
+
+    def iter_listing(self) -> Iterator[pa.Table]:
+        """The listing this output was scored from, a chunk at a time."""
+        for path in self._own_chunks(LISTING_DIR, _LISTING_CHUNK):
+            yield pq.read_table(path, filesystem=self.fs)
+
+    def clear_listing(self) -> None:
+        for path in self._own_chunks(LISTING_DIR, _LISTING_CHUNK):
+            self.fs.delete_file(path)
+
+    def write_todo(self, index: int, table: pa.Table) -> None:
+        self.write_chunk(TODO_DIR, index, table)
+
+    def todo_files(self) -> list[str]:
+        return self._own_chunks(TODO_DIR, _LISTING_CHUNK)
+
+    def clear_todo(self) -> None:
+        for path in self.todo_files():
+            self.fs.delete_file(path)
+        self._remove_if_empty(posixpath.join(self.root, TODO_DIR))
+
+    def write_chunk(self, folder_name: str, index: int, table: pa.Table) -> None:
+        folder = posixpath.join(self.root, folder_name)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            self.fs.create_dir(folder, recursive=True)
+        pq.write_table(table, posixpath.join(folder, f"chunk-{index:06d}.listing"), filesystem=self.fs)
+
+    def _remove_if_empty(self, folder: str) -> None:
+        if self._info(folder).type == pafs.FileType.Directory and not self._children(folder):
+            self.fs.delete_dir(folder)
 
     def _dataset(self, files: list[str]) -> pads.Dataset:
         partitioned = any(f"/{PARTITION_PREFIX}" in f[len(self.root):] for f in files)
@@ -226,11 +293,11 @@ class PredictionsFolder:
             doomed += [i.path for i in self._children(folder) if i.type == pafs.FileType.File and is_part_file(i.path)]
         doomed += [i.path for i in self._children(self._quarantine)
                    if i.type == pafs.FileType.File and is_part_file(i.path)]
+        doomed += self._own_chunks(LISTING_DIR, _LISTING_CHUNK) + self.todo_files()
         for path in doomed:
             self.fs.delete_file(path)
-        for folder in partitions + [self._quarantine]:
-            if self._info(folder).type == pafs.FileType.Directory and not self._children(folder):
-                self.fs.delete_dir(folder)
+        for folder in partitions + [self._quarantine, self._file(LISTING_DIR), self._file(TODO_DIR)]:
+            self._remove_if_empty(folder)
         logger.info("--overwrite: deleted %d catdog files from %s (other files left alone)", len(doomed), self.location)
         return len(doomed)
 
@@ -260,10 +327,8 @@ class PredictionsFolder:
                 raise CatdogError(f"cannot resume {self.location}: {path} has columns {sorted(names)}, this run "
                                   f"writes {schema.names}; use --overwrite or a new output folder")
             state.kept_files.append(path)
-        if state.kept_files:
-            state.done = _identity_columns(pads.dataset(state.kept_files, filesystem=self.fs, format="parquet"))
-        logger.info("--resume: %d part files kept (%d rows done), %d truncated files quarantined",
-                    len(state.kept_files), state.done.num_rows, len(state.quarantined))
+        logger.info("--resume: %d part files kept, %d truncated files quarantined",
+                    len(state.kept_files), len(state.quarantined))
         return state
 
     def _quarantine_file(self, path: str, reason: object) -> str:
@@ -303,64 +368,74 @@ class PredictionsFolder:
 
     # ---- after a run ----
 
-    def account(self, listed_paths: pa.Array, kept_unlisted: pa.Array | None = None) -> dict:
+    def count_rows(self) -> int:
+        """Rows in our part files, from their footers."""
+        return sum(pq.read_metadata(f, filesystem=self.fs).num_rows for f in self.part_files())
+
+    def account(self, listing: Tables | None = None, kept_unlisted: Tables | None = None,
+                listed_rows: int | None = None) -> dict:
         """Check the output holds exactly one row per listed path; count rows and errors by kind.
 
-        `kept_unlisted`: paths no longer listed whose rows a resume reported and kept; they are
-        counted in `rows_not_in_listing` and left out of the verdict. Any other unlisted row fails it.
+        `listing`: the listed paths (tables with `path`, or one array); default: this folder's
+        `_listing/`. `kept_unlisted`: paths no longer listed whose rows a resume reported and
+        kept; they are counted in `rows_not_in_listing` and left out of the verdict. Any other
+        unlisted row fails it. Compared bucket by bucket (`catdog.ledger`): memory stays bounded.
 
         Raises:
             AccountingError: listed paths missing or duplicated, rows of unknown paths, or a path
-                with more than one row.
+                with more than one row; `duplicated_paths` on the error names the repeated paths.
         """
-        files = self.part_files()
-        if files:
-            table = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=["path", "error"])
-        else:
-            table = pa.table({"path": pa.array([], pa.string()), "error": pa.array([], pa.string())})
-        paths = table["path"].combine_chunks()
-        kept_unlisted = pa.array([], pa.string()) if kept_unlisted is None else kept_unlisted
-        rows, distinct = table.num_rows, pc.count_distinct(paths).as_py()
-        listed_mask = pc.is_in(paths, value_set=listed_paths)
-        in_listing = pc.sum(listed_mask).as_py() or 0
-        kept = pc.sum(pc.is_in(paths, value_set=kept_unlisted)).as_py() or 0
-        found = pc.sum(pc.is_in(listed_paths, value_set=paths)).as_py() or 0 if len(listed_paths) else 0
-        missing = len(listed_paths) - found
-        unknown = rows - in_listing - kept
-        if distinct != rows or missing or unknown or in_listing != len(listed_paths):
-            raise AccountingError(
-                f"output {self.location} holds {rows} rows ({rows - distinct} duplicates, {unknown} for "
-                f"unlisted paths) for {len(listed_paths)} listed files ({missing} missing); _SUCCESS.json not written"
-            )
-        errors = table["error"].combine_chunks().filter(listed_mask).drop_null()
-        by_kind: dict[str, int] = {}
-        if len(errors):
-            kinds = pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)
-            by_kind = {row["values"]: row["counts"] for row in pc.value_counts(kinds).to_pylist()}
+        verdict = self._verdict(listing, kept_unlisted, listed_rows)
+        if not verdict.exact:
+            error = AccountingError(
+                f"output {self.location} holds {verdict.rows} rows ({verdict.duplicates} duplicates, {verdict.unknown} "
+                f"for unlisted paths) for {verdict.listed} listed files ({verdict.missing} missing); "
+                "_SUCCESS.json not written")
+            error.duplicated_paths = (pa.concat_arrays(verdict.duplicated_paths) if verdict.duplicated_paths
+                                      else pa.array([], pa.string()))
+            raise error
+        errors = sum(verdict.errors_by_kind.values())
         return {
-            "rows_written": in_listing,
-            "predictions": in_listing - len(errors),
-            "errors": len(errors),
-            "errors_by_kind": dict(sorted(by_kind.items())),
-            "rows_not_in_listing": kept,
-            "output_files": [posixpath.relpath(f, self.root) for f in files],
+            "rows_written": verdict.in_listing,
+            "predictions": verdict.in_listing - errors,
+            "errors": errors,
+            "errors_by_kind": verdict.errors_by_kind,
+            "rows_not_in_listing": verdict.kept_unlisted,
+            "output_files": [posixpath.relpath(f, self.root) for f in self.part_files()],
         }
 
-    def drop_superseded_files(self, run_id: str) -> list[str]:
-        """Delete part files of earlier runs whose every path this run scored again; return them.
+    def _verdict(self, listing: Tables | None, kept_unlisted: Tables | None, listed_rows: int | None):
+        from catdog import ledger
+
+        listing = self.iter_listing() if listing is None else _as_tables(listing)
+        rows = self.count_rows()
+        buckets = ledger.bucket_count(max(rows, listed_rows or 0))
+        paths = pa.schema([("path", pa.string())])
+        with tempfile.TemporaryDirectory(prefix="catdog-accounting-") as scratch:
+            listed = ledger.split((t.select(["path"]) for t in listing), f"{scratch}/listing", buckets, paths)
+            written = ledger.split(self.iter_rows(["path", "error"]), f"{scratch}/rows", buckets,
+                                   pa.schema([("path", pa.string()), ("error", pa.string())]))
+            kept = ledger.split(_as_tables(kept_unlisted), f"{scratch}/kept", buckets, paths) if kept_unlisted is not None else None
+            return ledger.account(listed, written, kept)
+
+    def drop_superseded_files(self, duplicated_paths: pa.Array, run_id: str) -> list[str]:
+        """Delete earlier runs' part files whose every row is one of `duplicated_paths`, with a copy elsewhere.
 
         A killed run's worker can finish a write ~2 s after the kill, after a quick `--resume` scanned
         the folder; the resumed run then scores those files again. The late file is the redundant copy.
+        Deleted one at a time, each only while all of its rows still have another copy.
         """
-        files = self.part_files()
-        ours = [f for f in files if posixpath.basename(f).startswith(f"{PART_PREFIX}{run_id}-")]
-        if not ours:
+        remaining = pc.value_counts(duplicated_paths) if len(duplicated_paths) else None
+        if remaining is None:
             return []
-        rescored = pads.dataset(ours, filesystem=self.fs, format="parquet").to_table(columns=["path"])["path"]
+        extra = dict(zip(remaining.field("values").to_pylist(), remaining.field("counts").to_pylist()))
         dropped = []
-        for path in sorted(set(files) - set(ours)):
-            paths = pq.read_table(path, columns=["path"], filesystem=self.fs)["path"]
-            if len(paths) and pc.all(pc.is_in(paths, value_set=rescored.combine_chunks())).as_py():
+        ours = f"{PART_PREFIX}{run_id}-"
+        for path in [f for f in self.part_files() if not posixpath.basename(f).startswith(ours)]:
+            paths = pq.read_table(path, columns=["path"], filesystem=self.fs)["path"].to_pylist()
+            if paths and all(extra.get(p, 0) > 0 for p in paths):
+                for p in paths:
+                    extra[p] -= 1
                 self.fs.delete_file(path)
                 dropped.append(path)
                 logger.warning("Deleted %s: a late write of an interrupted run, every row scored again", path)
@@ -379,12 +454,6 @@ class PredictionsFolder:
 def _is_own_top_level_file(path: str) -> bool:
     name = posixpath.basename(path)
     return name in (SUCCESS_FILE, RUN_MARKER) or is_part_file(name) or _SUCCESS_TEMPORARY.match(name) is not None
-
-
-def _identity_columns(dataset: pads.Dataset) -> pa.Table:
-    """`path` and, where the files have them, the size and modification time each row was scored from."""
-    columns = ["path"] + [c for c in (FILE_SIZE_COLUMN, FILE_MODIFIED_COLUMN) if c in dataset.schema.names]
-    return dataset.to_table(columns=columns)
 
 
 def _file_schema(schema: pa.Schema, present: pa.Schema) -> pa.Schema:

@@ -4,6 +4,7 @@ Predictor actors report each batch they scored (rows, errors by kind) to one `Pr
 actor, fire-and-forget; a thread in the driver reads its totals and logs
 
     Scored 12,288 / 100,000 files (12.3%), 84.1 images/s, ETA 17m24s; errors: truncated 3
+    Scored 4,096 files, 160,000 listed so far, 84.1 images/s; errors: truncated 1   (while listing)
 
 which reads the same under `ray job submit`, in a file or on a terminal. Ray Data's own block
 counts say little about rows, so its progress bars are switched off for the run.
@@ -29,14 +30,21 @@ class ProgressCounter:
     def __init__(self):
         self.rows = 0
         self.errors: dict[str, int] = {}
+        self.files_listed: int | None = None  # set by a streaming listing
+        self.listing_done = False
+        self.skipped: dict[str, int] = {}
 
     def add(self, rows: int, errors: dict[str, int]) -> None:
         self.rows += rows
         for kind, count in errors.items():
             self.errors[kind] = self.errors.get(kind, 0) + count
 
-    def totals(self) -> tuple[int, dict[str, int]]:
-        return self.rows, dict(self.errors)
+    def listed(self, files: int, done: bool, skipped: dict[str, int]) -> None:
+        self.files_listed, self.listing_done, self.skipped = files, done, dict(skipped)
+
+    def totals(self) -> dict:
+        return {"rows": self.rows, "errors": dict(self.errors), "files_listed": self.files_listed,
+                "listing_done": self.listing_done, "skipped": dict(self.skipped)}
 
 
 def start_counter():
@@ -46,13 +54,18 @@ def start_counter():
     return ray.remote(num_cpus=0)(ProgressCounter).options(max_restarts=-1).remote()
 
 
-def format_line(rows: int, total: int, elapsed_s: float, errors: dict[str, int]) -> str:
-    """The progress line for `rows` of `total` scored after `elapsed_s` seconds."""
+def format_line(rows: int, total: int | None, elapsed_s: float, errors: dict[str, int],
+                listed_so_far: int | None = None) -> str:
+    """The progress line for `rows` of `total` scored after `elapsed_s` seconds; `total` is None
+    while a streaming listing goes on (`listed_so_far` files so far)."""
     rate = rows / elapsed_s if elapsed_s > 0 else 0.0
-    shown = min(rows, total)  # a batch retried after an actor restart is counted twice
-    line = f"Scored {shown:,} / {total:,} files ({100.0 * shown / total if total else 100.0:.1f}%), {rate:.1f} images/s"
-    if rate > 0 and shown < total:
-        line += f", ETA {_duration((total - shown) / rate)}"
+    if total is None:
+        line = f"Scored {rows:,} files, {listed_so_far or 0:,} listed so far, {rate:.1f} images/s"
+    else:
+        shown = min(rows, total)  # a batch retried after an actor restart is counted twice
+        line = f"Scored {shown:,} / {total:,} files ({100.0 * shown / total if total else 100.0:.1f}%), {rate:.1f} images/s"
+        if rate > 0 and shown < total:
+            line += f", ETA {_duration((total - shown) / rate)}"
     if errors:
         line += "; errors: " + ", ".join(f"{kind} {count:,}" for kind, count in sorted(errors.items()))
     return line
@@ -66,8 +79,11 @@ def _duration(seconds: float) -> str:
 
 
 @contextlib.contextmanager
-def logging_progress(counter, total: int, interval_s: float = DEFAULT_INTERVAL_S):
-    """Log the counter's totals every `interval_s` while the block runs (Ray Data's bars off)."""
+def logging_progress(counter, total: int | None, interval_s: float = DEFAULT_INTERVAL_S):
+    """Log the counter's totals every `interval_s` while the block runs (Ray Data's bars off).
+
+    `total`: files to score, or None when a streaming listing reports them to the counter.
+    """
     import ray
     from ray.data import DataContext
 
@@ -79,11 +95,12 @@ def logging_progress(counter, total: int, interval_s: float = DEFAULT_INTERVAL_S
 
     def report() -> None:
         try:
-            rows, errors = ray.get(counter.totals.remote(), timeout=interval_s)
+            now = ray.get(counter.totals.remote(), timeout=interval_s)
         except Exception as exc:  # noqa: BLE001 - progress is best effort, never the job's failure
             logger.debug("No progress this time: %s", exc)
             return
-        logger.info(format_line(rows, total, time.monotonic() - started, errors))
+        known = total if total is not None else now["files_listed"] if now["listing_done"] else None
+        logger.info(format_line(now["rows"], known, time.monotonic() - started, now["errors"], now["files_listed"]))
 
     def report_every_interval() -> None:
         while not stop.wait(interval_s):

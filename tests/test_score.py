@@ -158,7 +158,8 @@ def test_resume_quarantines_truncated_parts_and_refuses_another_model(tmp_path):
                               schema=predictions_schema(CLASSES))
     state = PredictionsFolder(str(out)).prepare(overwrite=False, resume=True, run_info=run_info,
                                   schema=predictions_schema(CLASSES))
-    assert sorted(state.done_paths.to_pylist()) == ["/a.jpg", "/b.jpg"]
+    done = [row["path"] for table in PredictionsFolder(str(out)).iter_rows(["path"]) for row in table.to_pylist()]
+    assert sorted(done) == ["/a.jpg", "/b.jpg"]
     assert state.kept_files == [str(good)] and len(state.quarantined) == 1
     assert not bad.exists() and (out / output.QUARANTINE_DIR / bad.name).exists()
     assert not (out / output.SUCCESS_FILE).exists()  # partial again while the resumed run works
@@ -251,11 +252,12 @@ def test_a_late_write_of_a_killed_run_is_dropped_when_the_resumed_run_rescored_i
     late = _write_part(out, ["/b.jpg", "/c.jpg"], 1, run_id="aaaaaaaaaaaa")  # appeared after the scan
     _write_part(out, ["/b.jpg", "/c.jpg", "/d.jpg"], 0, run_id="bbbbbbbbbbbb")  # the resumed run
     listed = pa.array(["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"])
-    with pytest.raises(output.AccountingError, match="2 duplicates"):
-        PredictionsFolder(str(out)).account(listed)
-    assert PredictionsFolder(str(out)).drop_superseded_files("bbbbbbbbbbbb") == [str(late)]
-    assert kept.exists() and PredictionsFolder(str(out)).account(listed)["rows_written"] == 4
-    assert PredictionsFolder(str(out)).drop_superseded_files("cccccccccccc") == []  # a run that wrote nothing drops nothing
+    folder = PredictionsFolder(str(out))
+    with pytest.raises(output.AccountingError, match="2 duplicates") as failed:
+        folder.account(listed)
+    assert sorted(failed.value.duplicated_paths.to_pylist()) == ["/b.jpg", "/c.jpg"]
+    assert folder.drop_superseded_files(failed.value.duplicated_paths, "bbbbbbbbbbbb") == [str(late)]
+    assert kept.exists() and folder.account(listed)["rows_written"] == 4
 
 
 # ---- slow: the pipeline on the session's Ray cluster ----
@@ -358,7 +360,8 @@ def test_interrupted_run_resumes_to_exact_rows_then_overwrite_partitions(ray_clu
                             max_image_pixels=MAX_PIXELS))
     assert (out / "README.txt").read_text() == "someone else's file"
     assert not (out / output.QUARANTINE_DIR).exists()
-    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    assert (out / output.LISTING_DIR).is_dir() and not (out / output.TODO_DIR).exists()
     assert set(folders) <= {"label=__HIVE_DEFAULT_PARTITION__", "label=cats", "label=dogs"}
     assert "label=__HIVE_DEFAULT_PARTITION__" in folders  # error rows have no label
     table = _read(out)
@@ -423,7 +426,7 @@ def test_predict_job_prints_the_in_process_prediction(tiny_model_run, real_photo
 def test_object_store_budget_does_not_grow_with_the_input():
     """Peak memory of a scoring run must not grow with the number of images (issue: <= 15% from
     1,000 to 10,000); the object-store budget is what bounds the decoded pixels in flight."""
-    from catdog.scoring import MIN_OBJECT_STORE_BUDGET, object_store_budget
+    from catdog.score_pipeline import MIN_OBJECT_STORE_BUDGET, object_store_budget
 
     small = object_store_budget(1_000, 32, 180, predictors=1)
     assert small == MIN_OBJECT_STORE_BUDGET
@@ -438,7 +441,7 @@ def test_object_store_budget_does_not_grow_with_the_input():
 def test_cpu_pools_run_two_batches_per_actor_at_once_and_gpu_pools_one(tmp_path):
     """Ray Data runs an actor's calls one at a time (a lock around the UDF) unless the pool allows
     true multi-threading; on CPU the predictor pool must, on GPU it must not."""
-    from catdog.scoring import _actor_pool
+    from catdog.score_pipeline import _actor_pool
 
     for kw in ({}, {"num_workers": 3}, {"min_workers": 1, "max_workers": 4}):
         pool = _actor_pool(_config(tmp_path, tmp_path, tmp_path / "out", **kw))

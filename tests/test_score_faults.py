@@ -195,7 +195,9 @@ def test_a_full_object_store_spills_and_scoring_completes(slow_model_run, real_p
         manifest, expected = _photo_manifest(real_photos, "dogs", tmp_path / "dogs.parquet")
         out = tmp_path / "preds"
         job = subprocess.run([sys.executable, "-m", "jobs.score", "--model", str(slow_model_run), "--input",
-                              str(manifest), "--output", str(out), "--ray-address", address, "--batch-size", "64"],
+                              str(manifest), "--output", str(out), "--ray-address", address,
+                              # One batch of decoded pixels (~7.9 MB) passes the spill threshold on top of the filler.
+                              "--batch-size", "160"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert job.returncode == 0, job.stderr[-3000:]
         after = _spilled(filler)
