@@ -75,3 +75,15 @@ def write_model_run(run: Path, image_size: int = 32, classes: tuple[str, ...] = 
 def tiny_model_run(tmp_path_factory) -> Path:
     """A 32-pixel two-class (cats, dogs) run folder for scoring tests."""
     return write_model_run(tmp_path_factory.mktemp("tiny-run"))
+
+
+@pytest.fixture(scope="session")
+def multinode():
+    """A real multi-node Ray cluster on 127.0.0.1, shared by the session (tests/multinode.py): a head
+    that takes no tasks, like cluster.yaml's, and three 1-CPU worker nodes. Jobs under test run as
+    subprocesses with `env=multinode.job_env()`; a test that removes nodes starts with
+    `multinode.ensure_worker_nodes()` or ends with it, so the next test finds three again."""
+    from multinode import MultiNodeCluster
+
+    with MultiNodeCluster(worker_nodes=3, cpus_per_node=1) as cluster:
+        yield cluster
