@@ -10,6 +10,9 @@ from catdog.errors import CatdogError, InputError, ModelLoadError
 from catdog.model_options import HEADS
 
 MODES = ("cached", "end-to-end")
+# --placement -> Ray's placement-group strategy for the Train workers. SPREAD is best effort: on
+# fewer nodes than workers some share a node rather than wait.
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # first bytes of every Keras .weights.h5 / .h5 file
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "catdog", "features")
 
@@ -20,7 +23,8 @@ class TrainConfig:
 
     `batch_size` is global: each of the `num_workers` workers takes `batch_size // num_workers`
     examples per step. `patience` 0 turns early stopping off. `cache_dir` None means
-    `~/.cache/catdog/features` (use a shared URI on multi-node clusters).
+    `~/.cache/catdog/features`. On a cluster of several nodes, local `output` and cache paths are
+    refused unless `assume_shared_storage` (catdog.cluster_checks).
     """
 
     data: str
@@ -40,6 +44,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     patience: int = 3
     num_workers: int = 1
+    placement: str = "pack"
     use_gpu: bool = False
     # Fractional by default: on a 2-core machine whole CPUs for the workers leave none for the
     # Ray Data feature stage and the run hangs waiting for resources.
@@ -48,12 +53,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 1
     overwrite: bool = False
+    assume_shared_storage: bool = False  # local --output/--cache-dir are on storage every node sees
 
     def validate(self) -> None:
         """Check every setting that does not need the data; raise CatdogError naming the problem."""
         problems = []
         if self.mode not in MODES:
             problems.append(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.placement not in PLACEMENTS:
+            problems.append(f"--placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.head not in HEADS:
             problems.append(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.val_data is None and not 0.0 < self.val_fraction < 1.0:

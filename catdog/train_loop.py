@@ -42,6 +42,7 @@ OPTIMIZER_STATE = "optimizer.npz"
 STATE_FILE = "state.json"
 VAL_BATCH_SIZE = 256  # forward-only; bounded memory even for flatten features
 SHUFFLE_BUFFER = 2048  # end-to-end mode: decoded images mixed locally across Ray Data blocks
+TEXT_WIDTH = 64  # bytes gathered per string; a Ray node id is 56 hex characters
 
 
 def head_fingerprint(head) -> str:
@@ -99,6 +100,21 @@ def embedding_arrays(table) -> tuple[np.ndarray, np.ndarray]:
     n = table.num_rows
     features = table.column("features").combine_chunks().flatten().to_numpy().reshape(n, -1)
     return features, table.column("label").to_numpy().astype(np.int32)
+
+
+def encode_text(text: str) -> np.ndarray:
+    """A short ASCII string (a node id) as TEXT_WIDTH float64 byte codes, zero-padded: collectives
+    move numbers, and float64 keeps every byte exact."""
+    raw = text.encode("ascii")
+    if len(raw) > TEXT_WIDTH:
+        raise ValueError(f"{text!r} is longer than {TEXT_WIDTH} bytes")
+    codes = np.zeros(TEXT_WIDTH, np.float64)
+    codes[:len(raw)] = np.frombuffer(raw, np.uint8)
+    return codes
+
+
+def decode_text(codes: np.ndarray) -> str:
+    return bytes(np.asarray(codes)[np.asarray(codes) > 0].astype(np.uint8)).decode("ascii")
 
 
 def worker_seed(run_seed: int, rank: int, epoch: int) -> int:
@@ -248,6 +264,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
     # the seed each rank's dropout actually holds now (exact in float64: 32-bit), for metrics.json
     own_dropout_seed = tf.constant([float(dropout_state.numpy()[0]) if dropout_state is not None else -1.0], tf.float64)
     dropout_seeds = [int(v) for v in np.asarray(gather_over_workers(own_dropout_seed))[:, 0]]  # -1: no dropout
+    # each worker group's nodes, by rank, kept in the checkpointed state: metrics.json lists the restarts
+    own_node = tf.constant(encode_text(ray.get_runtime_context().get_node_id()), tf.float64)
+    node_ids = [decode_text(row) for row in np.asarray(gather_over_workers(own_node))]
+    state.setdefault("attempts", []).append({"resumed_from": resumed_from, "node_ids": node_ids})
 
     # ---- data: cached embeddings from the object store, or Ray Data shards of decoded images ------
     if end_to_end:

@@ -47,25 +47,42 @@ class TrainResult:
     metrics: dict
 
 
-def _prepare_output(output: str, overwrite: bool) -> None:
-    """Refuse a non-empty output folder unless `overwrite`, which removes earlier run files only."""
+def _check_output(output: str, overwrite: bool) -> bool:
+    """Refuse a non-empty output folder unless `overwrite`; True when earlier run files must go."""
     fs, path = storage.resolve(output)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         raise OutputExistsError(f"--output {output} is a file, not a folder")
     if info.type == pafs.FileType.NotFound:
-        return
+        return False
     children = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     if not children:
-        return
+        return False
     if not overwrite:
         raise OutputExistsError(f"--output {output} already holds {len(children)} entries; pass --overwrite to replace the run")
+    return True
+
+
+def _clear_output(output: str) -> None:
+    """Remove an earlier run's files and checkpoints (--overwrite); nothing else in the folder."""
+    fs, _ = storage.resolve(output)
     for name in train_artifacts.ARTIFACTS:
         if storage.exists(storage.join(output, name)):
             storage.delete_file(storage.join(output, name))
     checkpoints = storage.resolve(storage.join(output, CHECKPOINTS_DIR))[1]
     if fs.get_file_info(checkpoints).type == pafs.FileType.Directory:
         fs.delete_dir(checkpoints)
+
+
+def _refuse_node_local_storage(config: TrainConfig) -> None:
+    """On a cluster of several machines, local --output/--cache-dir paths exit 2 (catdog.cluster_checks)."""
+    from catdog.cluster_checks import refuse_local_paths_on_cluster
+
+    cache_flag = "--cache-dir" if config.cache_dir else "--cache-dir (default)"
+    refuse_local_paths_on_cluster(
+        {"--output": config.output, cache_flag: config.feature_cache_dir if config.mode == "cached" else None},
+        assume_shared=config.assume_shared_storage,
+    )
 
 
 def _list_data(config: TrainConfig) -> tuple[LabelledImages, LabelledImages]:
@@ -242,6 +259,7 @@ def _fit(config: TrainConfig, loop_config: dict, datasets: dict | None, run_name
     from ray.train.v2.api.config import LoggingConfig
 
     from catdog.ray_session import worker_runtime_env
+    from catdog.train_config import PLACEMENTS
     from catdog.train_loop import train_loop_per_worker
     from catdog.worker_log import WorkerReportLog
 
@@ -251,7 +269,8 @@ def _fit(config: TrainConfig, loop_config: dict, datasets: dict | None, run_name
     trainer = trainer_class()(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=PLACEMENTS[config.placement]),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -309,6 +328,13 @@ def _final_model(extractor, spec, checkpoint, temperature: float):
     return catdog_model.build_model(extractor, head)
 
 
+def _worker_attempts(state: dict) -> list[dict]:
+    """Each worker group that reached a checkpoint: the epoch it resumed after, its ranks' nodes."""
+    return [{"resumed_from_epoch": attempt["resumed_from"],
+             "nodes": [{"rank": rank, "node_id": node} for rank, node in enumerate(attempt["node_ids"])]}
+            for attempt in state.get("attempts", [])]
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train a classifier head on a frozen ResNet50 with Ray Train and write the run folder.
 
@@ -318,7 +344,7 @@ def train(config: TrainConfig) -> TrainResult:
     # ---- checks that need neither Ray nor TensorFlow --------------------------------------------
     started = time.perf_counter()
     config.validate()
-    _prepare_output(config.output, config.overwrite)
+    clear_output = _check_output(config.output, config.overwrite)
     train_images, val_images = _list_data(config)
     run_id = uuid.uuid4().hex[:12]
     timings = {"listing_s": time.perf_counter() - started}
@@ -332,7 +358,10 @@ def train(config: TrainConfig) -> TrainResult:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="catdog-backbone") as pool:
         loading = pool.submit(_load_backbone, config, len(train_images.class_names))
         init_ray()
+        _refuse_node_local_storage(config)  # needs the cluster; before anything is written
         spec, extractor, fast_extractor, fingerprint = loading.result()
+    if clear_output:
+        _clear_output(config.output)
     from catdog import calibration
     from catdog import model as catdog_model
 
@@ -386,6 +415,9 @@ def train(config: TrainConfig) -> TrainResult:
     model = _final_model(extractor, spec, result.checkpoint, temperature)
     catdog_model.save_model(model, catdog_model.model_file(config.output))
     history = state["history"]
+    workers = summarise_worker_reports(read_worker_reports(worker_log), config.num_workers)
+    attempts = _worker_attempts(state)
+    workers.update(placement=config.placement, nodes=attempts[-1]["nodes"] if attempts else [])
     best = next(row for row in history if row["epoch"] == state["best_epoch"])
     class_names = train_images.class_names
     metrics = {
@@ -408,7 +440,9 @@ def train(config: TrainConfig) -> TrainResult:
             "skipped": len(skipped), "skipped_files": skipped,
         },
         "cache": data.cache,
-        "workers": summarise_worker_reports(read_worker_reports(worker_log), config.num_workers),
+        "workers": workers,
+        # each failure the Train controller saw was followed by a restart from the latest checkpoint
+        "restarts": {"count": len(workers["failures"]), "attempts": attempts},
         "backbone_fingerprint": fingerprint,
     }
     run_config = {

@@ -5,6 +5,10 @@ On a cluster:
     ray job submit --working-dir . -- python -m jobs.train \\
         --data /data/train --output s3://bucket/runs/r1 --num-workers 4 --use-gpu --cpus-per-worker 4
 
+On a cluster of several nodes, local --output and --cache-dir paths are refused (exit 2) unless
+every node mounts them (NFS and the like: pass --assume-shared-storage); use s3:// or gs:// URIs.
+`--placement spread` puts the workers on different nodes.
+
 On a laptop (a local Ray starts by itself):
 
     python -m jobs.train --data data/train --output runs/r1 --weights none
@@ -18,8 +22,9 @@ from __future__ import annotations
 import argparse
 
 from catdog.cli import add_common_arguments, configure_logging, run_job
+from catdog.cluster_checks import SHARED_STORAGE_FLAG, SHARED_STORAGE_HELP
 from catdog.model_options import HEADS
-from catdog.train_config import MODES, TrainConfig
+from catdog.train_config import MODES, PLACEMENTS, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,12 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     p.add_argument("--patience", type=int, default=defaults.patience, help="early stopping: epochs without a better val_loss; 0 = off (default %(default)s)")
     p.add_argument("--num-workers", type=int, default=defaults.num_workers, help="Ray Train workers (default %(default)s)")
+    p.add_argument("--placement", choices=PLACEMENTS, default=defaults.placement,
+                   help="pack: workers on as few nodes as fit; spread: on different nodes where possible, "
+                        "so one lost node takes one worker (default %(default)s)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker and per feature actor")
     p.add_argument("--cpus-per-worker", type=float, default=defaults.cpus_per_worker, help="CPUs per worker and feature actor; fractions allowed (default %(default)s)")
     p.add_argument("--cache-dir", help="feature cache folder or URI (default ~/.cache/catdog/features; shared storage on clusters)")
     p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints, help="best checkpoints kept by val_loss (default %(default)s)")
     p.add_argument("--max-failures", type=int, default=defaults.max_failures, help="worker-group restarts from the latest checkpoint; -1 = unlimited (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace the run files of an existing --output")
+    p.add_argument(SHARED_STORAGE_FLAG, action="store_true", help=SHARED_STORAGE_HELP)
     add_common_arguments(p)
     return p
 
