@@ -157,7 +157,12 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="catdog-scale-"))
-    results: dict = {"bookkeeping": [], "folder": [], "score": []}
+    target = REPO / "benchmarks" / "results" / "scale_bench.json"
+    # Kinds not measured in this run keep their figures from an earlier run.
+    results: dict = json.loads(target.read_text()) if target.exists() else {}
+    for kind, sizes in (("bookkeeping", args.bookkeeping), ("folder", args.folder), ("score", args.score)):
+        if sizes or kind not in results:
+            results[kind] = []
     for n in args.bookkeeping:
         results["bookkeeping"].append(bookkeeping(n, work))
         print("bookkeeping", results["bookkeeping"][-1], flush=True)
@@ -174,7 +179,6 @@ def main() -> None:
     if len(results["score"]) >= 2 and all(r["steady_images_per_s"] for r in results["score"]):
         results["score_rate_ratio_largest_to_smallest"] = round(
             results["score"][-1]["steady_images_per_s"] / results["score"][0]["steady_images_per_s"], 3)
-    target = REPO / "benchmarks" / "results" / "scale_bench.json"
     target.parent.mkdir(exist_ok=True)
     target.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

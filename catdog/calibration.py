@@ -134,10 +134,17 @@ def calibrate(logits: np.ndarray, labels: np.ndarray, relative_paths: Sequence[s
     rows = {"validation": int(fit.size), "fit": int(fit.sum()), "report": int((~fit).sum())}
     split = (f"fit rows: sha256('{SPLIT_SALT}:{seed}:<relative path>') in the lower half; "
              "report rows: the others (before/after are measured on the report rows only)")
+    errors_in_fit = int((logits[fit].argmax(axis=1) != labels[fit]).sum()) if rows["fit"] else 0
+    note = None
     if min(rows["fit"], rows["report"]) < MIN_ROWS_PER_HALF:
         note = (f"not fitted: {rows['validation']} validation rows split {rows['fit']} fit / {rows['report']} report, "
                 f"fewer than {MIN_ROWS_PER_HALF} in a half; temperature left at 1 rather than fitted in-sample "
                 "(before: every validation row)")
+    elif not errors_in_fit:
+        # No mistake to learn from: the NLL keeps falling as T -> 0, which would ship 0/1 probabilities.
+        note = (f"not fitted: the {rows['fit']} fit rows hold no misclassified row, so any T below 1 looks better "
+                "there; temperature left at 1 (before: every validation row)")
+    if note:
         before = {"ece": expected_calibration_error(softmax(logits), labels, bins),
                   "nll": negative_log_likelihood(logits, labels)}
         return 1.0, {"fitted": False, "temperature": 1.0, "bins": bins, "split": split, "rows": rows,

@@ -176,7 +176,9 @@ class PredictionsFolder:
             return
         dataset = pads.dataset(files, filesystem=self.fs, format="parquet")
         present = [c for c in columns if c in dataset.schema.names]
-        for batch in dataset.to_batches(columns=present, batch_size=batch_rows):
+        # No read-ahead: a scanner's default buffers batches of several files at once.
+        for batch in dataset.to_batches(columns=present, batch_size=batch_rows, batch_readahead=0,
+                                        fragment_readahead=0, use_threads=False):
             table = pa.Table.from_batches([batch])
             for name in columns:
                 if name not in present:

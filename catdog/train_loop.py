@@ -3,11 +3,14 @@
 Keras 3 `model.fit` under MultiWorkerMirroredStrategy is broken (ray issue 47464), so this is a
 custom loop: `strategy.run(step)` inside a `tf.function`, per-example losses averaged with
 `tf.nn.compute_average_loss` over the global batch, and a Keras 3 optimizer whose gradients are
-all-reduced across workers. Every worker evaluates the whole validation set and the results are
-averaged across workers, so all workers take the same early-stopping decision on the same numbers.
+all-reduced across workers.
 
-Cached embeddings come from the object store (`cached_batches` shards them, reshuffled each epoch);
-decoded images in end-to-end mode come as Ray Data shards.
+Cached mode: each worker reads only its own shard of the embeddings from the object store
+(`catdog.training.shard_refs`), reshuffled within the shard each epoch, and evaluates its own
+contiguous range of the validation rows; loss and accuracy are summed over workers, so all take
+the same early-stopping decision on the same numbers, and rank 0 gathers the validation logits
+(not the embeddings) at the end. Memory per worker: its 1/N of the embeddings. End-to-end mode:
+decoded images come as Ray Data shards; every worker evaluates the whole validation set.
 
 Each epoch every worker calls `ray.train.report` (a barrier) with its metrics and a fingerprint
 of its own head weights; rank 0 attaches a small checkpoint (head, best head, optimizer state,
@@ -16,8 +19,8 @@ history), from which a restarted worker group resumes at the next epoch.
 Seeds: the run seed builds the head, so every worker starts from the same weights (MWMS also
 broadcasts rank 0's initial values, the dropout seed state included). Then each worker re-seeds
 its own randomness, dropout masks and augmentation, from `worker_seed` (run seed, rank, first
-epoch it trains), so workers do not repeat each other's masks. The cached-mode shuffle stays
-rank-free on purpose: every worker must draw the same permutation for the shards to be disjoint.
+epoch it trains), so workers do not repeat each other's masks. Cached-mode shards are disjoint by
+construction (dealt out by the driver), so each worker reshuffles its own shard with its own seed.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def worker_seed(run_seed: int, rank: int, epoch: int) -> int:
 
 
 def shuffle_seed(run_seed: int, epoch: int) -> int:
-    """Seed of cached mode's per-epoch permutation: the same on every rank, so shards are disjoint."""
+    """Seed of cached mode's per-epoch shuffle, before each rank mixes in its own rank (`worker_seed`)."""
     return run_seed * 1000 + epoch
 
 
@@ -149,27 +152,19 @@ def seed_worker_randomness(models: list, seed: int) -> list[int]:
     return seeds
 
 
-def cached_batches(features: np.ndarray, labels: np.ndarray, rank: int, world: int, batch_size: int,
-                   seed: int | None, paths: np.ndarray | None = None):
-    """Batches {"features", "label"} (and "path" when `paths` are given) of this worker's shard.
+def cached_batches(features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None = None,
+                   rows_per_epoch: int | None = None):
+    """Batches {"features", "label"} of this worker's own shard.
 
-    With a seed (training), every worker draws the same permutation of all rows and takes its own
-    equal slice of it, so the shards are disjoint, equally long (the MultiWorkerMirroredStrategy
-    steps must match; the remainder of n / world rows is left out this epoch) and reshuffled each
-    epoch. Without a seed (validation) every worker gets all rows in order.
+    With a seed (training) the shard is reshuffled and cut to `rows_per_epoch` rows: every worker
+    must run the same number of MultiWorkerMirroredStrategy steps, and shards differ by a row at
+    most (the rows left out change every epoch). Without a seed (validation): every row, in order.
     """
     n = len(labels)
-    if seed is None:
-        rows = np.arange(n)
-    else:
-        per_worker = n // world
-        rows = np.random.default_rng(seed).permutation(n)[rank * per_worker:(rank + 1) * per_worker]
+    rows = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)[:rows_per_epoch]
     for start in range(0, len(rows), batch_size):
         picked = rows[start:start + batch_size]
-        batch = {"features": features[picked], "label": labels[picked]}
-        if paths is not None:
-            batch["path"] = paths[picked]
-        yield batch
+        yield {"features": features[picked], "label": labels[picked]}
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
@@ -257,6 +252,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
         return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
 
     @tf.function
+    def sum_over_workers(values):
+        per_replica = strategy.run(lambda: tf.identity(values))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    @tf.function
     def gather_over_workers(values):  # [k] on each rank -> [world, k] in rank order
         per_replica = strategy.run(lambda: tf.identity(values)[tf.newaxis])
         return strategy.gather(per_replica, axis=0)
@@ -283,27 +283,57 @@ def train_loop_per_worker(config: dict) -> dict | None:
     else:
         # refs in the config, or from the driver's handoff actor once it has computed them
         refs = config["feature_refs"] or ray.get(config["feature_handoff"].get.remote())
-        train_arrays = embedding_arrays(ray.get(refs["train"]))
-        val_table = ray.get(refs["val"])
-        val_arrays = embedding_arrays(val_table)
-        val_paths = np.asarray(val_table.column("path").to_pylist(), dtype=object)
+        train_arrays = embedding_arrays(ray.get(refs["train"][rank]))  # this worker's shard only
+        val_arrays = embedding_arrays(ray.get(refs["val"][rank]))
+        sizes = np.asarray(gather_over_workers(tf.constant([float(len(train_arrays[1]))], tf.float64)))[:, 0]
+        rows_per_epoch = int(sizes.min())
 
         def train_batches(epoch: int):
-            return cached_batches(*train_arrays, rank, world, config["per_worker_batch_size"],
-                                  seed=shuffle_seed(config["seed"], epoch))
+            return cached_batches(*train_arrays, config["per_worker_batch_size"],
+                                  seed=worker_seed(shuffle_seed(config["seed"], epoch), rank, epoch),
+                                  rows_per_epoch=rows_per_epoch)
 
         def val_batches():
-            return cached_batches(*val_arrays, rank, world, VAL_BATCH_SIZE, seed=None, paths=val_paths)
+            return cached_batches(*val_arrays, VAL_BATCH_SIZE)
 
     def evaluate(model) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Logits, labels and file paths of the whole validation set (every worker sees all of it)."""
+        """Logits, labels (and end-to-end: paths) of the validation rows this worker evaluates."""
         logits, labels, paths = [], [], []
         for batch in val_batches():
             model_inputs = {key: value for key, value in batch.items() if key != "path"}
             logits.append(np.asarray(forward(model, model_inputs)))
             labels.append(np.asarray(batch["label"]))
-            paths.extend(str(path) for path in batch["path"])
+            paths.extend(str(path) for path in batch.get("path", ()))
+        if not logits:
+            return np.zeros((0, spec.num_classes)), np.zeros(0, np.int64), paths
         return np.concatenate(logits).astype(np.float64), np.concatenate(labels).astype(np.int64), paths
+
+    def validation_metrics(model) -> tuple[float, float]:
+        """Validation loss and accuracy over every worker's rows (sums all-reduced; end-to-end: mean)."""
+        logits, labels, _ = evaluate(model)
+        if end_to_end:  # every worker evaluated the whole set
+            loss, accuracy = float(np.mean(loss_fn(labels, logits))), float(np.mean(np.argmax(logits, -1) == labels))
+            return tuple(float(v) for v in mean_over_workers(tf.constant([loss, accuracy], tf.float64)))
+        sums = [float(np.sum(loss_fn(labels, logits))) if len(labels) else 0.0,
+                float(np.sum(np.argmax(logits, -1) == labels)), float(len(labels))]
+        total_loss, correct, count = (float(v) for v in sum_over_workers(tf.constant(sums, tf.float64)))
+        return total_loss / max(count, 1.0), correct / max(count, 1.0)
+
+    def all_validation_logits(model) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Every validation row's logits, label and path, in table order (cached: gathered from the ranks)."""
+        logits, labels, paths = evaluate(model)
+        if end_to_end:
+            return logits, labels, paths
+        longest = int(np.asarray(gather_over_workers(tf.constant([float(len(labels))], tf.float64)))[:, 0].max())
+        padded = np.full((longest, spec.num_classes + 2), -1.0)
+        padded[:len(labels), :spec.num_classes] = logits
+        padded[:len(labels), spec.num_classes] = labels
+        padded[:len(labels), spec.num_classes + 1] = 1.0  # a real row, not padding
+        every = np.asarray(gather_over_workers(tf.constant(padded.ravel(), tf.float64))).reshape(world, longest, -1)
+        rows = every.reshape(-1, spec.num_classes + 2)
+        rows = rows[rows[:, -1] == 1.0]
+        paths = ray.get(refs["val_paths"]).to_pylist() if rank == 0 else []
+        return rows[:, :spec.num_classes], rows[:, spec.num_classes].astype(np.int64), paths
 
     # ---- epochs --------------------------------------------------------------------------------
     for epoch in range(state["epoch"] + 1, config["epochs"] + 1):
@@ -313,10 +343,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         totals = np.zeros(3)
         for batch in train_batches(epoch):
             totals += np.array([float(v) for v in train_step(batch)])
-        logits, labels, _ = evaluate(logits_model)
-        val_loss = float(np.mean(loss_fn(labels, logits)))
-        val_accuracy = float(np.mean(np.argmax(logits, axis=-1) == labels))
-        val_loss, val_accuracy = (float(v) for v in mean_over_workers(tf.constant([val_loss, val_accuracy], tf.float64)))
+        val_loss, val_accuracy = validation_metrics(logits_model)
         row = {
             "epoch": epoch,
             "loss": float(totals[0] / max(totals[2], 1.0)),
@@ -344,8 +371,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
             logger.info("Epoch %d/%d: %s", epoch, config["epochs"], {k: round(v, 4) for k, v in row.items()})
 
     # ---- best head on the validation set, for temperature scaling --------------------------------
+    logits, labels, paths = all_validation_logits(best_logits_model)  # every rank takes part in the gather
     if rank != 0:
         return None
-    logits, labels, paths = evaluate(best_logits_model)
     return {"val_logits": logits.astype(np.float32), "val_labels": labels, "val_paths": paths, "state": state,
             "dropout_seeds": dropout_seeds}

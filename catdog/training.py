@@ -153,13 +153,25 @@ def _cached_features(train: LabelledImages, val: LabelledImages, config: TrainCo
         train, val, spec.to_dict(), fast_extractor, fingerprint, config.feature_cache_dir,
         use_gpu=config.use_gpu, actors=config.num_workers, cpus_per_actor=config.cpus_per_worker,
     )
-    # Embeddings are small (8 KB per image): the workers read them from the object store, with no
-    # Ray Data split coordinator to start (catdog.train_loop.cached_batches shards them).
-    refs = {"train": ray.put(features.train.select(["label", "features"])),
-            "val": ray.put(features.val.select(["path", "label", "features"]))}  # paths: calibration halves
+    # Each worker reads only its own shard of the embeddings from the object store (no Ray Data
+    # split coordinator to start); rank 0 also gets the validation paths, for the calibration halves.
+    refs = shard_refs(features.train.select(["label", "features"]), features.val.select(["label", "features"]),
+                      config.num_workers, config.seed)
+    refs["val_paths"] = ray.put(features.val["path"].combine_chunks())
     cache = {"location": features.location, "reused": features.reused, "computed": features.computed}
     return _TrainingData(features.skipped, features.train.num_rows, features.val.num_rows, feature_refs=refs,
                          cache=cache)
+
+
+def shard_refs(train, val, workers: int, seed: int) -> dict:
+    """Object refs of each worker's shard: train rows dealt out after a seeded shuffle (classes mix),
+    validation rows in contiguous ranges (rank order = table order, for reassembling logits)."""
+    import ray
+
+    order = np.random.default_rng(seed).permutation(train.num_rows)
+    bounds = np.linspace(0, val.num_rows, workers + 1).astype(int)
+    return {"train": [ray.put(train.take(np.sort(order[rank::workers]))) for rank in range(workers)],
+            "val": [ray.put(val.slice(bounds[rank], bounds[rank + 1] - bounds[rank])) for rank in range(workers)]}
 
 
 def _embedding_overlaps_fit(config: TrainConfig) -> bool:
@@ -194,7 +206,11 @@ def _fit_while_embedding(config: TrainConfig, loop_config: dict, run_name: str, 
 
     from catdog.features import FeatureHandoff
 
-    handoff = ray.remote(num_cpus=0)(FeatureHandoff).remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: a worker node lost mid-fit must not take the handoff with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    handoff = ray.remote(num_cpus=0)(FeatureHandoff).options(scheduling_strategy=here).remote()
     outcome: dict = {}
 
     def embed_and_hand_off() -> None:

@@ -8,6 +8,7 @@ import pytest
 from catdog.calibration import (
     MAX_TEMPERATURE,
     MIN_ROWS_PER_HALF,
+    MIN_TEMPERATURE,
     calibrate,
     calibration_summary,
     expected_calibration_error,
@@ -105,3 +106,16 @@ def test_nll_matches_a_direct_computation_and_separable_data_hits_the_bound():
     assert negative_log_likelihood(logits, labels) == pytest.approx(direct)
     wrong = np.array([1, 0])
     assert fit_temperature(logits, wrong) == pytest.approx(MAX_TEMPERATURE, rel=1e-3)  # flatten a wrong model
+
+
+def test_a_fit_half_without_mistakes_is_not_fitted_to_zero_one_probabilities():
+    paths = [f"cats/{i:03d}.jpg" for i in range(80)]
+    labels = np.array([i % 2 for i in range(80)])
+    logits = np.where(np.eye(2)[labels] > 0, 3.0, -3.0)  # every row right: separable
+    temperature, summary = calibrate(logits, labels, paths, seed=1)
+    assert temperature == 1.0 and summary["fitted"] is False and "no misclassified row" in summary["note"]
+    fit = fit_half(paths, 1)  # one mistake in the fit half: a fit is possible again
+    wrong = int(np.flatnonzero(fit)[0])
+    logits[wrong] = -logits[wrong]
+    temperature, summary = calibrate(logits, labels, paths, seed=1)
+    assert summary["fitted"] is True and temperature > MIN_TEMPERATURE

@@ -155,9 +155,9 @@ def test_losing_a_workers_node_restarts_from_the_latest_checkpoint_on_the_others
         assert len(train_workers) == 2, train_workers
         first_nodes = {w["node_id"] for w in train_workers}
         handoff = {a["node_id"] for a in multinode.actors("FeatureHandoff")}
-        # the driver and the Train controller sit on the head; the handoff actor (cached mode) is not
-        # pinned: remove a worker's node that does not hold it (see the report of issue 15)
-        victim = next(node for node in sorted(first_nodes) if node not in handoff)
+        # the driver, the Train controller and the embeddings' handoff actor sit on the head
+        assert handoff == {multinode.head_node_id}, handoff
+        victim = sorted(first_nodes)[0]
         assert victim != multinode.head_node_id
         noticed_after = multinode.remove_node(victim)
         removed_at = time.monotonic()

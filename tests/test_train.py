@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from catdog.calibration import MIN_ROWS_PER_HALF, fit_half
-from catdog.dataset import list_labelled_images, split_train_val
+from catdog.dataset import list_labelled_images, split_fraction, split_train_val
 from catdog.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,42 +102,55 @@ def test_bad_arguments_exit_2_before_ray_starts(tmp_path, sample_images):
     assert (taken / "model.keras").read_text() == "an earlier run"
 
 
-def test_cached_batches_give_workers_disjoint_equal_shards_reshuffled_each_epoch():
+def _embeddings(n: int, width: int = 4):
     import pyarrow as pa
 
+    return pa.table({"label": pa.array(np.arange(n) % 2, pa.int32()),
+                     "features": pa.FixedSizeListArray.from_arrays(pa.array(np.arange(n * width, dtype=np.float32)), width)})
+
+
+def test_each_worker_gets_only_its_disjoint_shard_and_the_shards_cover_the_data(ray_cluster):
+    from catdog.train_loop import embedding_arrays
+    from catdog.training import shard_refs
+
+    n, width, world = 23, 4, 3
+    train, val = _embeddings(n, width), _embeddings(10, width)
+    refs = shard_refs(train, val, world, seed=7)
+    assert len(refs["train"]) == len(refs["val"]) == world  # one object per worker: nobody fetches all rows
+    shards = [embedding_arrays(ray_cluster.get(ref)) for ref in refs["train"]]
+    rows = [sorted(int(r) for r in features[:, 0] // width) for features, _ in shards]
+    assert sorted(sum(rows, [])) == list(range(n))  # disjoint and covering
+    assert [len(r) for r in rows] == [8, 8, 7]
+    assert {int(label) for _, labels in shards for label in labels} == {0, 1}
+    assert all(len(set(r) & {0, 1, 2, 3, 4, 5, 6, 7}) < 8 for r in rows)  # shuffled before dealing: classes mix
+    val_rows = [embedding_arrays(ray_cluster.get(ref))[0][:, 0] // width for ref in refs["val"]]
+    assert [int(r) for part in val_rows for r in part] == list(range(10))  # contiguous, in table order
+
+
+def test_cached_batches_reshuffle_a_shard_each_epoch_and_cut_it_to_the_common_length():
     from catdog.train_loop import cached_batches, embedding_arrays
 
     n, width = 23, 4
-    table = pa.table({"label": pa.array(np.arange(n) % 2, pa.int32()),
-                      "features": pa.FixedSizeListArray.from_arrays(pa.array(np.arange(n * width, dtype=np.float32)), width)})
-    features, labels = embedding_arrays(table)
+    features, labels = embedding_arrays(_embeddings(n, width))
     assert features.shape == (n, width) and labels.dtype == np.int32
 
-    def rows(rank: int, seed: int | None) -> list[int]:  # row index = first feature / width
-        return [int(r) for b in cached_batches(features, labels, rank, 2, 5, seed) for r in b["features"][:, 0] // width]
+    def rows(seed: int | None, cut: int | None = None) -> list[int]:  # row index = first feature / width
+        return [int(r) for b in cached_batches(features, labels, 5, seed, cut) for r in b["features"][:, 0] // width]
 
-    shards = [rows(0, 7), rows(1, 7)]
-    assert len(shards[0]) == len(shards[1]) == n // 2 and not set(shards[0]) & set(shards[1])
-    assert rows(0, 8) != shards[0]  # another epoch, another permutation
-    assert rows(0, None) == rows(1, None) == list(range(n))  # validation: every worker, every row
+    assert len(rows(7, 20)) == 20 and len(set(rows(7, 20))) == 20
+    assert rows(8, 20) != rows(7, 20)  # another epoch, another permutation
+    assert rows(None) == list(range(n))  # validation: every row of the shard, in order
 
 
-def test_worker_seeds_differ_by_rank_while_the_shard_permutation_is_shared():
-    from catdog.train_loop import cached_batches, shuffle_seed, worker_seed
+def test_worker_seeds_differ_by_rank_and_epoch():
+    from catdog.train_loop import worker_seed
 
-    world, n, epoch = 3, 31, 2
+    world, epoch = 3, 2
     seeds = [worker_seed(123, rank, epoch) for rank in range(world)]
     assert len(set(seeds)) == world and all(0 <= seed < 2**32 for seed in seeds)
     assert worker_seed(123, 0, epoch) == seeds[0]  # deterministic
     assert worker_seed(123, 0, epoch + 1) != seeds[0]  # a resumed worker group does not replay epoch 1's masks
     assert worker_seed(124, 0, epoch) != seeds[0]
-    # the training permutation's seed is rank-free, so the ranks' slices are disjoint and cover
-    # every row but the n % world left out this epoch
-    features, labels = np.arange(n, dtype=np.float32)[:, None], np.zeros(n, np.int32)
-    shards = [[int(r) for b in cached_batches(features, labels, rank, world, 4, shuffle_seed(123, epoch))
-               for r in b["features"][:, 0]] for rank in range(world)]
-    assert [len(shard) for shard in shards] == [n // world] * world
-    assert len(set().union(*shards)) == n // world * world
 
 
 def test_seeding_a_worker_changes_its_dropout_masks_not_its_weights():
@@ -198,9 +211,15 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def training_data(sample_images, tmp_path_factory) -> Path:
-    """The 80 generated images plus two unreadable ones: a text file and a truncated JPEG."""
+    """The 80 generated images plus two unreadable ones: a text file and a truncated JPEG. One dog
+    is a cat photo: a mistake in the calibration fit half of `two_worker_run` (seed 123,
+    validation 0.4), so its temperature has something to fit (a fit half without mistakes is
+    left at T = 1)."""
     root = tmp_path_factory.mktemp("data") / "images"
     shutil.copytree(sample_images, root)
+    mislabelled = next(name for name in sorted(os.listdir(root / "dogs")) if name.endswith(".jpg")
+                       and split_fraction(f"dogs/{name}", 123) < 0.4 and fit_half([f"dogs/{name}"], 123)[0])
+    (root / "dogs" / mislabelled).write_bytes((root / "cats" / mislabelled.replace("dogs", "cats")).read_bytes())
     (root / "cats" / "notes.jpg").write_text("not an image")
     jpeg = (sample_images / "dogs" / "dogs_0001.jpg").read_bytes()
     (root / "dogs" / "nested").mkdir()
