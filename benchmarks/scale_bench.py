@@ -7,11 +7,14 @@ Three measurements, each a fresh `python -m jobs.score` child whose own peak RSS
   paths and an output already holding a row for each (written here, not timed); the child runs
   `--resume`, finds nothing to score, and only lists, plans and accounts.
 - `folder`: listing alone of a folder of N entries (empty files: the walk, not the reads).
+- `train`: training (cached mode) on the real photos with 1 and 2 workers: each worker's
+  embeddings (MiB) and peak RSS, from metrics.json.
 - `score`: scoring N real photos (hard links to ../shared/data/catdog-dev, so N can exceed 500)
   with a 32-pixel model: driver peak RSS, steady images/s (from `scored_at`), time to the first
   written row.
 
-    python benchmarks/scale_bench.py --bookkeeping 1000000 10000000 --folder 1000000 --score 10000 100000
+    python benchmarks/scale_bench.py --bookkeeping 1000000 10000000 --folder 1000000 --train 1 2 \
+        --score 10000 100000
 
 Writes benchmarks/results/scale_bench.json and prints the figures.
 """
@@ -149,10 +152,25 @@ def score(n: int, work: Path) -> dict:
             "first_row_after_s": round(first - started, 1), "steady_images_per_s": round(steady, 1) if steady else None}
 
 
+def train(workers: int, work: Path) -> dict:
+    out = work / f"run-{workers}"
+    run = run_python("-m", "jobs.train", ["--data", str(PHOTOS), "--output", str(out), "--weights", "none",
+                                          "--image-size", "64", "--epochs", "2", "--num-workers", str(workers),
+                                          "--cache-dir", str(work / "feature-cache"), "--overwrite"],
+                     cwd=REPO, env=_env(), timeout=7200)
+    if run.returncode != 0:
+        raise RuntimeError(run.stderr[-3000:])
+    memory = json.loads((out / "metrics.json").read_text())["workers"]["memory_by_rank"]
+    shutil.rmtree(out)
+    return {"workers": workers, "embeddings_mib_per_worker": [m["embeddings_mib"] for m in memory],
+            "worker_peak_rss_mib": [m["peak_rss_mib"] for m in memory]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bookkeeping", type=int, nargs="*", default=[])
     parser.add_argument("--folder", type=int, nargs="*", default=[])
+    parser.add_argument("--train", type=int, nargs="*", default=[], help="worker counts")
     parser.add_argument("--score", type=int, nargs="*", default=[])
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
@@ -160,26 +178,28 @@ def main() -> None:
     target = REPO / "benchmarks" / "results" / "scale_bench.json"
     # Kinds not measured in this run keep their figures from an earlier run.
     results: dict = json.loads(target.read_text()) if target.exists() else {}
-    for kind, sizes in (("bookkeeping", args.bookkeeping), ("folder", args.folder), ("score", args.score)):
+    for kind, sizes in (("bookkeeping", args.bookkeeping), ("folder", args.folder), ("train", args.train),
+                        ("score", args.score)):
         if sizes or kind not in results:
             results[kind] = []
-    for n in args.bookkeeping:
-        results["bookkeeping"].append(bookkeeping(n, work))
-        print("bookkeeping", results["bookkeeping"][-1], flush=True)
-    for n in args.folder:
-        results["folder"].append(folder(n, work))
-        print("folder", results["folder"][-1], flush=True)
-    for n in args.score:
-        results["score"].append(score(n, work))
-        print("score", results["score"][-1], flush=True)
+    target.parent.mkdir(exist_ok=True)
+    measures = (("bookkeeping", bookkeeping, args.bookkeeping), ("folder", folder, args.folder),
+                ("train", train, args.train), ("score", score, args.score))
+    for kind, measure, sizes in measures:
+        for n in sizes:
+            results[kind].append(measure(n, work))
+            print(kind, results[kind][-1], flush=True)
+            target.write_text(json.dumps(results, indent=2) + "\n")  # what is measured survives a later failure
     for kind, key in (("bookkeeping", "driver_peak_rss_mib"), ("score", "driver_peak_rss_mib")):
         rows = results[kind]
         if len(rows) >= 2:
             results[f"{kind}_rss_ratio_largest_to_smallest"] = round(rows[-1][key] / rows[0][key], 3)
+    if len(results.get("train", [])) >= 2:
+        per_worker = [max(r["embeddings_mib_per_worker"]) for r in results["train"]]
+        results["train_embeddings_ratio_most_to_fewest_workers"] = round(per_worker[-1] / per_worker[0], 3)
     if len(results["score"]) >= 2 and all(r["steady_images_per_s"] for r in results["score"]):
         results["score_rate_ratio_largest_to_smallest"] = round(
             results["score"][-1]["steady_images_per_s"] / results["score"][0]["steady_images_per_s"], 3)
-    target.parent.mkdir(exist_ok=True)
     target.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import resource
 import tempfile
 import time
 import uuid
@@ -372,7 +373,13 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     # ---- best head on the validation set, for temperature scaling --------------------------------
     logits, labels, paths = all_validation_logits(best_logits_model)  # every rank takes part in the gather
+    # what each rank held: its embeddings (cached mode) and its process's peak memory, in MiB
+    own = [0.0 if end_to_end else (sum(a.nbytes for a in train_arrays) + sum(a.nbytes for a in val_arrays)) / 2**20,
+           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
+    held = np.asarray(gather_over_workers(tf.constant(own, tf.float64)))
     if rank != 0:
         return None
     return {"val_logits": logits.astype(np.float32), "val_labels": labels, "val_paths": paths, "state": state,
-            "dropout_seeds": dropout_seeds}
+            "dropout_seeds": dropout_seeds,
+            "memory_by_rank": [{"rank": r, "embeddings_mib": round(float(e), 2), "peak_rss_mib": round(float(m))}
+                               for r, (e, m) in enumerate(held)]}

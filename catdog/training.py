@@ -451,12 +451,12 @@ def train(config: TrainConfig) -> TrainResult:
             "classes": class_names,
             "train_listed": train_images.class_counts(), "val_listed": val_images.class_counts(),
             "train_images": n_train, "val_images": n_val,
-            # Ray Data splits the training set into equal shards, dropping the remainder each epoch
+            # every worker trains on as many rows as the shortest shard holds, each epoch
             "train_images_per_epoch": n_train // config.num_workers * config.num_workers,
             "skipped": len(skipped), "skipped_files": skipped,
         },
         "cache": data.cache,
-        "workers": workers,
+        "workers": {**workers, "memory_by_rank": returned["memory_by_rank"]},
         # each failure the Train controller saw was followed by a restart from the latest checkpoint
         "restarts": {"count": len(workers["failures"]), "attempts": attempts},
         "backbone_fingerprint": fingerprint,

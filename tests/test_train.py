@@ -252,6 +252,10 @@ def test_two_workers_reach_high_accuracy_with_identical_weights(two_worker_run):
     assert metrics["validation"]["accuracy"] >= 0.95
     workers = metrics["workers"]
     assert workers["num_workers"] == 2 and workers["weights_in_sync"] is True
+    memory = workers["memory_by_rank"]  # each rank fetched only its own half of the embeddings
+    total = sum(m["embeddings_mib"] for m in memory)
+    assert [m["rank"] for m in memory] == [0, 1] and total > 0
+    assert all(abs(m["embeddings_mib"] - total / 2) <= 0.1 * total for m in memory), memory
     fingerprints = workers["weight_fingerprints_by_epoch"]
     assert sorted(fingerprints, key=int) == [str(e) for e in range(1, metrics["epochs_run"] + 1)]
     for epoch, pair in fingerprints.items():
