@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-JOBS = ["train", "score", "predict", "evaluate", "report", "demo"]
+JOBS = ["train", "score", "predict", "evaluate", "report", "demo", "export"]
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
