@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.peak_memory import run_python  # noqa: E402
-from catdog.schema import predictions_schema  # noqa: E402
+from catdog.predictions_folder import predictions_schema  # noqa: E402
 
 PANDAS_NAIVE = """
 import sys, pandas as pd

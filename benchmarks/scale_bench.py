@@ -59,8 +59,7 @@ def _model(work: Path) -> Path:
 
 def _fake_output(out: Path, paths: pa.Array, model_id: str) -> None:
     """An output as a finished run leaves it: part files, run marker, listing (not timed)."""
-    from catdog.predictions_folder import RUN_MARKER, PartFilenameProvider
-    from catdog.schema import predictions_schema
+    from catdog.predictions_folder import RUN_MARKER, PartFilenameProvider, predictions_schema
 
     out.mkdir(parents=True)
     schema = predictions_schema(["cats", "dogs"])
@@ -82,7 +81,7 @@ def _fake_output(out: Path, paths: pa.Array, model_id: str) -> None:
 
 
 def bookkeeping(n: int, work: Path) -> dict:
-    from catdog.predictor import describe_model
+    from catdog.run_folder import describe_model
 
     model = _model(work)
     paths = pa.array([f"/data/images/{i // 10000:05d}/{i:010d}.jpg" for i in range(n)], pa.string())

@@ -130,7 +130,8 @@ def worker_ceiling(run: str, precision: str, images: int, batch_size: int) -> No
     import numpy as np
 
     from catdog.imaging import decode_image
-    from catdog.predictor import Predictor, describe_model
+    from catdog.predictor import Predictor
+    from catdog.run_folder import describe_model
 
     info = describe_model(run)
     files = sorted(PHOTOS.rglob("*.jpg"))[:batch_size]

@@ -11,7 +11,6 @@ columns needed are read back.
 from __future__ import annotations
 
 import logging
-import posixpath
 import time
 from dataclasses import dataclass
 
@@ -21,14 +20,11 @@ import pyarrow.parquet as pq
 
 from catdog import metrics, plots, storage
 from catdog.errors import CatdogError, InputError, OutputExistsError
-from catdog.report import open_predictions
-from catdog.predictor import load_class_names
-from catdog.run_folder import classes_file
-from catdog.schema import error_kinds, prob_column
+from catdog.predictions_folder import PredictionsFolder, error_kinds, prob_column
+from catdog.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
-RUN_METRICS_FILE = "metrics.json"  # written by training; may hold the fitted temperature
 MANIFEST_FILE = "manifest.parquet"
 PREDICTIONS_DIR = "predictions"
 METRICS_FILE = "metrics.json"
@@ -57,26 +53,6 @@ class EvaluateConfig:
             raise CatdogError(f"--bins must be >= 1, got {self.bins}")
         if self.mistakes < 0:
             raise CatdogError(f"--mistakes must be >= 0, got {self.mistakes}")
-
-
-def _run_folder(model: str) -> str:
-    """The training run folder: `model` itself, or the folder holding a .keras file."""
-    return posixpath.dirname(classes_file(model))
-
-
-def _temperature_info(model: str) -> dict | None:
-    """The temperature training fitted, if the run folder's metrics.json records one."""
-    location = storage.join(_run_folder(model), RUN_METRICS_FILE)
-    if not storage.exists(location):
-        return None
-    run_metrics = storage.read_json(location)
-    if not isinstance(run_metrics, dict):
-        return None
-    calibration = run_metrics.get("calibration") if isinstance(run_metrics.get("calibration"), dict) else {}
-    temperature = run_metrics.get("temperature", calibration.get("temperature"))
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
-        return None
-    return {"temperature": float(temperature), "training_calibration": calibration or None}
 
 
 def undo_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -135,7 +111,7 @@ def score_manifest(config: EvaluateConfig, manifest: str) -> dict:
 def read_predictions(location: str, class_names: list[str]) -> pa.Table:
     """The columns an evaluation needs from a predictions folder."""
     columns = ["path", "label", "true_label", "confidence", "error"] + [prob_column(c) for c in class_names]
-    dataset = open_predictions(location)
+    dataset = PredictionsFolder(location).scan()
     missing = [c for c in columns if c not in dataset.schema.names]
     if missing:
         raise InputError(f"{location} lacks column(s) {missing}: not scored from a labelled manifest by this model?")
@@ -162,7 +138,7 @@ def compute_metrics(table: pa.Table, class_names: list[str], bins: int = metrics
 
 def _add_calibration_comparison(result: dict, probs: np.ndarray, y_true: np.ndarray, model: str, bins: int) -> None:
     """ECE as scored and, when training fitted a temperature, ECE with that temperature undone."""
-    info = _temperature_info(model)
+    info = RunFolder(model).temperature()
     result["ece"] = result["calibration"]["ece"]
     if info is None:
         result["temperature"] = None
@@ -202,7 +178,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         CatdogError: missing/empty data, classes the model lacks, output already there, bad model.
     """
     started = time.perf_counter()
-    class_names = list(load_class_names(config.model))
+    class_names = list(RunFolder(config.model).class_names())
     _prepare_output(config)
     manifest, listed = write_manifest(config, class_names)
     scoring = score_manifest(config, manifest)

@@ -176,6 +176,21 @@ def reliability(y_true: np.ndarray, probs: np.ndarray, bins: int = DEFAULT_BINS)
     return Reliability(edges, counts, mean_conf, acc, ece)
 
 
+def label_scores(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Accuracy, per-class precision/recall/F1/support (keyed by class name) and the confusion
+    matrix (rows: true class) of predicted class indices, JSON-ready."""
+    confusion = confusion_matrix(y_true, y_pred, len(class_names))
+    scores = per_class_scores(confusion)
+    return {
+        "accuracy": accuracy(y_true, y_pred),
+        "per_class": {
+            name: {key: float(values[i]) if key != "support" else int(values[i]) for key, values in scores.items()}
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
 def classification_report(
     y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], bins: int = DEFAULT_BINS
 ) -> dict:
@@ -183,22 +198,17 @@ def classification_report(
     y_true, probs = _check(y_true, probs)
     if probs.shape[1] != len(class_names):
         raise ValueError(f"{probs.shape[1]} probability columns but {len(class_names)} class names")
-    y_pred = probs.argmax(axis=1)
-    confusion = confusion_matrix(y_true, y_pred, len(class_names))
-    scores = per_class_scores(confusion)
+    labels = label_scores(y_true, probs.argmax(axis=1), class_names)
     aucs = auc_scores(y_true, probs)
     if aucs["average"] == "binary":
         aucs["positive_class"] = class_names[1]
     return {
         "rows": int(y_true.size),
-        "accuracy": accuracy(y_true, y_pred),
+        "accuracy": labels["accuracy"],
         "class_names": list(class_names),
-        "per_class": {
-            name: {key: float(values[i]) if key != "support" else int(values[i]) for key, values in scores.items()}
-            for i, name in enumerate(class_names)
-        },
-        "macro_f1": float(np.mean(scores["f1"])),
-        "confusion_matrix": confusion.tolist(),
+        "per_class": labels["per_class"],
+        "macro_f1": float(np.mean([scores["f1"] for scores in labels["per_class"].values()])),
+        "confusion_matrix": labels["confusion_matrix"],
         **aucs,
         "log_loss": log_loss(y_true, probs),
         "calibration": reliability(y_true, probs, bins).to_dict(),

@@ -1,4 +1,4 @@
-"""The predictions folder: the one owner of a scoring output's files.
+"""The predictions folder: the one owner of a scoring output's files and of their schema.
 
 Layout of an output folder (local path or URI):
 
@@ -16,13 +16,21 @@ What belongs to this output: the files above at its top level and part files in 
 folders. A sub-folder holding its own `_catdog_run.json` is another output and is never entered;
 `--overwrite` deletes only this output's files, and nothing else in the folder.
 
+Two readers, one dataset: `read()` takes exactly this output's part files (scoring, resume, the
+demo, tests); `scan()` takes what any Parquet reader of the folder sees, every `*.parquet` outside
+`_`/`.` names, whoever wrote it (jobs.report, jobs.evaluate).
+
 Memory: listing the folder holds one entry per part file (thousands, not per row). Rows and the
 listing are read a batch at a time; resume and accounting compare them bucket by bucket
 (`catdog.ledger`). Replacing rows holds the paths being replaced.
+
+Over 300 lines on purpose: the schema, the layout, the run's lifecycle and the readers of one
+folder stay in one module, so that no other code knows its file names.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import posixpath
 import re
@@ -37,10 +45,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray.data.datasource import FilenameProvider
-
 from catdog import storage
-from catdog.errors import CatdogError, OutputExistsError
+from catdog.errors import CatdogError, InputError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,54 @@ _SUCCESS_TEMPORARY = re.compile(r"^_SUCCESS\.[0-9a-f]{8}\.tmp$")
 FILE_SIZE_COLUMN = "file_size"
 FILE_MODIFIED_COLUMN = "file_modified"
 _IDENTITY_TYPES = {FILE_SIZE_COLUMN: pa.int64(), FILE_MODIFIED_COLUMN: pa.timestamp("us", tz="UTC")}
+# What makes a folder of Parquet files one of ours for a reader (`scan`).
+REQUIRED_COLUMNS = ("label", "confidence", "error")
+
+# ---- the schema: one constant, used by the writer, the readers and the docs ----
+
+# Columns before and after the per-class probabilities, in file order.
+LEADING_FIELDS = [
+    pa.field("path", pa.string(), nullable=False),  # input file, normalised URI or absolute path
+    pa.field("label", pa.string()),  # predicted class; null when the file could not be scored
+]
+TRAILING_FIELDS = [
+    pa.field("confidence", pa.float32()),  # probability of the predicted class
+    pa.field("error", pa.string()),  # null when scored, else "kind: message"
+    pa.field("width", pa.int32()),  # original image width in pixels, as displayed; null if unknown
+    pa.field("height", pa.int32()),
+    pa.field("model_id", pa.string(), nullable=False),  # hash of the model artifact
+    pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    # What the file was when listed; a resume rescores a file whose size or time changed. Null when unknown.
+    pa.field(FILE_SIZE_COLUMN, pa.int64()),
+    pa.field(FILE_MODIFIED_COLUMN, pa.timestamp("us", tz="UTC")),
+]
+PROB_PREFIX = "prob_"
+TRUE_LABEL_FIELD = pa.field("true_label", pa.string())  # added by jobs.evaluate only
+
+
+def prob_column(class_name: str) -> str:
+    """Column name holding the probability of one class."""
+    return f"{PROB_PREFIX}{class_name}"
+
+
+def predictions_schema(class_names: Sequence[str], with_true_label: bool = False) -> pa.Schema:
+    """The pyarrow schema of a predictions file for a model with these classes."""
+    probs = [pa.field(prob_column(name), pa.float32()) for name in class_names]
+    extra = [TRUE_LABEL_FIELD] if with_true_label else []
+    return pa.schema(LEADING_FIELDS + probs + TRAILING_FIELDS + extra)
+
+
+def error_kinds(errors: Sequence[str | None]) -> dict[str, int]:
+    """Count errors by their stable kind prefix ("truncated", "not_an_image", ...)."""
+    counts: dict[str, int] = {}
+    for error in errors:
+        if error is not None:
+            kind = error.split(":", 1)[0]
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# ---- names ----
 
 
 class AccountingError(RuntimeError):
@@ -89,16 +143,35 @@ def is_part_file(name: str) -> bool:
     return PART_PATTERN.match(posixpath.basename(name)) is not None
 
 
-class PartFilenameProvider(FilenameProvider):
-    """`catdog-<run id>-<write uuid>_<task>`: unique per run and write, with no dot before the
-    extension (Ray appends `-<i>.parquet`)."""
+def part_file_name(run_id: str, write_uuid: str, task_index: int) -> str:
+    """`catdog-<run id>-<write uuid>_<task>.parquet`: unique per run and write, with no dot before
+    the extension (Ray's datasink inserts `-<i>` before `.parquet`)."""
+    return f"{PART_PREFIX}{run_id}-{write_uuid}_{task_index:06}.parquet"
 
-    def __init__(self, run_id: str):
-        super().__init__(file_format="parquet")
-        self.run_id = run_id
 
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"{PART_PREFIX}{self.run_id}-{write_uuid}_{task_index:06}.parquet"
+@functools.cache
+def _part_filename_provider() -> type:
+    # Defined on first use: importing Ray Data (~0.5 s) would slow every reader of the schema.
+    from ray.data.datasource import FilenameProvider
+
+    class PartFilenameProvider(FilenameProvider):
+        """Ray Data's file names for our part files (`part_file_name`)."""
+
+        def __init__(self, run_id: str):
+            super().__init__(file_format="parquet")
+            self.run_id = run_id
+
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return part_file_name(self.run_id, write_uuid, task_index)
+
+    PartFilenameProvider.__qualname__ = "PartFilenameProvider"  # pickled by reference, via __getattr__
+    return PartFilenameProvider
+
+
+def __getattr__(name: str):
+    if name == "PartFilenameProvider":
+        return _part_filename_provider()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -159,8 +232,16 @@ class PredictionsFolder:
     def _location(self, name: str) -> str:
         return storage.join(self.location, name)
 
-    def read_success(self) -> dict:
-        return storage.read_json(self._location(SUCCESS_FILE))
+    def read_success(self) -> dict | None:
+        """The run summary in `_SUCCESS.json`; None while the folder is partial (or it holds no JSON object)."""
+        if not self.is_complete():
+            return None
+        try:
+            summary = storage.read_json(self._location(SUCCESS_FILE))
+        except ValueError:
+            logger.warning("%s is not valid JSON", self._location(SUCCESS_FILE))
+            return None
+        return summary if isinstance(summary, dict) else None
 
     def read(self, columns: Sequence[str] | None = None) -> pa.Table:
         """Our part files (hive `label=` folders included) as one table."""
@@ -168,6 +249,38 @@ class PredictionsFolder:
         if not files:
             raise CatdogError(f"no catdog predictions in {self.location}")
         return self._dataset(files).to_table(columns=list(columns) if columns else None)
+
+    def parquet_files(self) -> list[str]:
+        """Every `*.parquet` below the folder outside `_`/`.` names, as pandas or DuckDB read it (sorted)."""
+        files = []
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True)):
+            hidden = any(part.startswith(("_", ".")) for part in info.path[len(self.root) + 1:].split("/"))
+            if info.type == pafs.FileType.File and info.path.endswith(".parquet") and not hidden:
+                files.append(info.path)
+        return sorted(files)
+
+    def scan(self) -> pads.Dataset:
+        """A pyarrow dataset over `parquet_files()`, whoever wrote them, flat or in `label=<class>/`.
+
+        Raises:
+            InputError: missing folder, no Parquet, unreadable Parquet, or not catdog's columns.
+        """
+        kind = self._info(self.root).type
+        if kind == pafs.FileType.NotFound:
+            raise InputError(f"predictions folder not found: {self.location}")
+        if kind != pafs.FileType.Directory:
+            raise InputError(f"predictions must be a folder of Parquet files: {self.location}")
+        files = self.parquet_files()
+        if not files:
+            raise InputError(f"no .parquet files in {self.location}")
+        try:
+            dataset = self._dataset(files)
+        except pa.ArrowInvalid as exc:  # a truncated file from a killed run, or a foreign file
+            raise InputError(f"unreadable Parquet in {self.location}: {exc}") from exc
+        missing = [c for c in REQUIRED_COLUMNS if c not in dataset.schema.names]
+        if missing:
+            raise InputError(f"{self.location} is not a catdog predictions folder: no column(s) {missing}")
+        return dataset
 
     def iter_rows(self, columns: Sequence[str], batch_rows: int = 100_000) -> Iterator[pa.Table]:
         """Our rows, a batch at a time; a column an older file lacks comes back null."""
@@ -224,9 +337,11 @@ class PredictionsFolder:
             self.fs.delete_dir(folder)
 
     def _dataset(self, files: list[str]) -> pads.Dataset:
+        """Partition values stay strings (a class named "1" stays "1"); the folder of unscored rows,
+        `label=__HIVE_DEFAULT_PARTITION__`, reads back as a null label."""
         partitioned = any(f"/{PARTITION_PREFIX}" in f[len(self.root):] for f in files)
-        return pads.dataset(files, filesystem=self.fs, format="parquet",
-                            partitioning="hive" if partitioned else None,
+        label = pads.partitioning(pa.schema([pa.field("label", pa.string())]), flavor="hive")
+        return pads.dataset(files, filesystem=self.fs, format="parquet", partitioning=label if partitioned else None,
                             partition_base_dir=self.root if partitioned else None)
 
     # ---- before a run ----
@@ -361,7 +476,7 @@ class PredictionsFolder:
             parked = self._quarantine_file(path, f"{hits} rows superseded")
             kept = table.filter(pc.invert(drop))
             if kept.num_rows:
-                name = PartFilenameProvider(run_id).get_filename_for_task(uuid.uuid4().hex, 0)
+                name = part_file_name(run_id, uuid.uuid4().hex, 0)
                 target = posixpath.join(posixpath.dirname(path), name.replace(".parquet", "-0.parquet"))
                 pq.write_table(kept.cast(_file_schema(schema, kept.schema)), target, filesystem=self.fs)
             self.fs.delete_file(parked)
@@ -449,8 +564,9 @@ class PredictionsFolder:
         storage.write_json(self._location(temporary), summary)
         self.fs.move(self._file(temporary), self._file(SUCCESS_FILE))
 
-    def filename_provider(self, run_id: str) -> PartFilenameProvider:
-        return PartFilenameProvider(run_id)
+    def filename_provider(self, run_id: str):
+        """The `ray.data.datasource.FilenameProvider` of this run's part files."""
+        return _part_filename_provider()(run_id)
 
 
 def _is_own_top_level_file(path: str) -> bool:

@@ -5,8 +5,8 @@ Keras safe mode, and each batch is one `tf.function` forward over the rows that 
 failed to decode keep their error and get null probabilities. TensorFlow is imported only where a
 model is loaded, so importing this module stays cheap.
 
-`describe_model` checks an artifact in the driver without TensorFlow (reading the .keras archive's
-config), so a scoring driver starts sooner and stays small; the actors then load it.
+The driver checks a model without TensorFlow first (`catdog.run_folder.RunFolder.describe`, from
+the .keras archive's config), so it starts sooner and stays small; the actors then load it.
 
 On CPU an actor runs two batches at once, each op on half the cores
 (`catdog.actor_pool.configure_model_actor`); on a GPU one batch at a time.
@@ -19,46 +19,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 
-from catdog import storage
 from catdog.errors import ImageDecodeError, InputError, ModelLoadError
-from catdog.run_folder import CLASSES_FILENAME, artifact_id, classes_file, existing_model_file, saved_config
-from catdog.schema import error_kinds, predictions_schema, prob_column
+from catdog.predictions_folder import error_kinds, predictions_schema, prob_column
+from catdog.run_folder import ModelInfo, RunFolder
 
 logger = logging.getLogger(__name__)
-
-UNSAFE_CLASSES = ("Lambda",)  # layers Keras safe mode refuses: they carry Python bytecode
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver needs to know about a model before scoring with it."""
-
-    location: str
-    image_size: int
-    class_names: tuple[str, ...]
-    model_id: str
-
-
-def load_class_names(location: str) -> tuple[str, ...]:
-    """Class names in the model's output order, from classes.json."""
-    path = classes_file(location)
-    if not storage.exists(path):
-        raise ModelLoadError(f"no {CLASSES_FILENAME} at {path}: the model's class names are needed for the labels")
-    try:
-        names = storage.read_json(path)
-    except (ValueError, OSError) as exc:
-        raise ModelLoadError(f"could not read {path}: {exc}") from exc
-    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n for n in names):
-        raise ModelLoadError(f"{path} must be a JSON list of at least 2 class names, got {names!r}")
-    if len(set(names)) != len(names):
-        raise ModelLoadError(f"{path} repeats a class name: {names}")
-    return tuple(names)
 
 
 def load_checked(location: str, precision: str = "float32"):
@@ -71,66 +41,19 @@ def load_checked(location: str, precision: str = "float32"):
         ModelLoadError: missing or unsafe model, missing classes.json, or a class count that does
             not match the model's outputs.
     """
-    from catdog import model as catdog_model
     from catdog.inference import load_inference_model
 
-    class_names = load_class_names(location)
+    run = RunFolder(location)
+    class_names = run.class_names()
     model = load_inference_model(location, precision)
     input_shape, output_shape = model.input_shape, model.output_shape
     if len(input_shape) != 4 or input_shape[1] != input_shape[2] or input_shape[1] is None or input_shape[3] != 3:
         raise ModelLoadError(f"expected a model on square RGB images, got input shape {input_shape}")
     if output_shape[-1] != len(class_names):
         raise ModelLoadError(
-            f"the model has {output_shape[-1]} outputs but {classes_file(location)} names {len(class_names)} classes"
+            f"the model has {output_shape[-1]} outputs but {run.classes_file} names {len(class_names)} classes"
         )
-    return model, ModelInfo(location, int(input_shape[1]), class_names, catdog_model.model_id(location))
-
-
-def describe_model(location: str) -> ModelInfo:
-    """Check a model artifact without loading it: image size, class names, id (a hash of the file,
-    as catdog.model.model_id). Layers Keras safe mode refuses are refused here already.
-
-    Raises:
-        ModelLoadError: missing file, not a Keras 3 archive, a Lambda layer, no square RGB input,
-            or a missing/invalid classes.json.
-    """
-    path = existing_model_file(location)
-    class_names = load_class_names(location)
-    data = storage.read_bytes(path)
-    config = saved_config(path, data)
-    unsafe = sorted(set(_class_names_in(config)) & set(UNSAFE_CLASSES))
-    if unsafe:
-        raise ModelLoadError(f"could not load model {path}: it contains {', '.join(unsafe)} layers "
-                             "(Lambda layers are refused: catdog loads models in Keras safe mode)")
-    info = ModelInfo(location, _input_size(config, path), class_names, artifact_id(data))
-    logger.info("Model %s: id %s, %dx%d px, classes %s", location, info.model_id, info.image_size,
-                info.image_size, list(class_names))
-    return info
-
-
-def _class_names_in(config: object):
-    """Every `class_name` in a Keras config, nested models included."""
-    if isinstance(config, dict):
-        if isinstance(config.get("class_name"), str):
-            yield config["class_name"]
-        for value in config.values():
-            yield from _class_names_in(value)
-    elif isinstance(config, list):
-        for item in config:
-            yield from _class_names_in(item)
-
-
-def _input_size(config: dict, path: str) -> int:
-    """Side of the square RGB input of a functional model's config."""
-    inner = config.get("config", {})
-    shapes = [layer.get("config", {}).get("batch_shape") for layer in inner.get("layers", [])
-              if layer.get("class_name") == "InputLayer"]
-    if len(shapes) != 1 or not shapes[0] or len(shapes[0]) != 4:
-        raise ModelLoadError(f"expected a model with one image input in {path}, got input shapes {shapes}")
-    _, height, width, channels = shapes[0]
-    if height != width or height is None or channels != 3:
-        raise ModelLoadError(f"expected a model on square RGB images in {path}, got input shape {shapes[0]}")
-    return int(height)
+    return model, ModelInfo(location, int(input_shape[1]), class_names, run.model_id())
 
 
 class Predictor:

@@ -1,8 +1,9 @@
 """Summarise a predictions folder of any size by scanning it in batches with pyarrow.
 
-Only the small columns a summary needs are read (never `path` or the per-class probabilities),
-one record batch at a time; counts and the confidence histogram are accumulated per batch, so
-memory stays flat whether the folder holds a thousand rows or a billion.
+The folder is read through `PredictionsFolder.scan`, every Parquet file a reader of it sees. Only
+the small columns a summary needs are read (never `path` or the per-class probabilities), one
+record batch at a time; counts and the confidence histogram are accumulated per batch, so memory
+stays flat whether the folder holds a thousand rows or a billion.
 """
 
 from __future__ import annotations
@@ -15,23 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 
 from catdog import storage
-from catdog.errors import CatdogError, InputError
+from catdog.errors import CatdogError
+from catdog.predictions_folder import REQUIRED_COLUMNS, PredictionsFolder
 
 logger = logging.getLogger(__name__)
 
-SUCCESS_FILE = "_SUCCESS.json"
 REPORT_FILE = "report.json"
 CONFIDENCE_PLOT = "confidence.png"
-REQUIRED_COLUMNS = ("label", "confidence", "error")
-PARTITION_PREFIX = "label="  # jobs.score --partition-by label writes hive folders
 OPTIONAL_COLUMNS = ("model_id", "scored_at", "true_label")
-# Keys a scoring run may use for its throughput in _SUCCESS.json, most specific first.
-THROUGHPUT_KEYS = ("images_per_second", "images_per_s", "throughput_images_per_s", "rows_per_second", "throughput")
-ELAPSED_KEYS = ("wall_time_s", "elapsed_s", "wall_s", "duration_s", "seconds", "elapsed_seconds")
 
 
 @dataclass(frozen=True)
@@ -53,51 +47,6 @@ class ReportConfig:
     @property
     def output_location(self) -> str:
         return self.output or f"{self.predictions.rstrip('/')}-report"
-
-
-def _parquet_files(location: str) -> tuple[pafs.FileSystem, str, list[str]]:
-    """The Parquet files of a folder, skipping hidden and `_`-prefixed entries (markers, quarantine)."""
-    if not storage.exists(location):
-        raise InputError(f"predictions folder not found: {location}")
-    if not storage.is_dir(location):
-        raise InputError(f"predictions must be a folder of Parquet files: {location}")
-    fs, root = storage.resolve(location)
-    root = root.rstrip("/")
-    files = []
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        relative = info.path[len(root) + 1 :]
-        if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
-            continue
-        if any(part.startswith(("_", ".")) for part in relative.split("/")):
-            continue
-        files.append(info.path)
-    if not files:
-        raise InputError(f"no .parquet files in {location}")
-    return fs, root, sorted(files)
-
-
-def open_predictions(location: str) -> ds.Dataset:
-    """A pyarrow dataset over a predictions folder, flat or partitioned into `label=<class>/`.
-
-    Partition values are read as strings (a class named "1" stays "1"); the scorer's folder for
-    unscored rows, `label=__HIVE_DEFAULT_PARTITION__`, reads back as a null label.
-
-    Raises:
-        InputError: missing folder, no Parquet, unreadable Parquet, or not catdog's columns.
-    """
-    fs, root, files = _parquet_files(location)
-    partitioned = any(f"/{PARTITION_PREFIX}" in f[len(root):] for f in files)
-    partitioning = ds.partitioning(pa.schema([pa.field("label", pa.string())]), flavor="hive") if partitioned else None
-    try:
-        dataset = ds.dataset(
-            files, filesystem=fs, format="parquet", partitioning=partitioning, partition_base_dir=root
-        )
-    except pa.ArrowInvalid as exc:  # a truncated file from a killed run, or a foreign file
-        raise InputError(f"unreadable Parquet in {location}: {exc}") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.schema.names]
-    if missing:
-        raise InputError(f"{location} is not a catdog predictions folder: no column(s) {missing}")
-    return dataset
 
 
 def _count(counter: collections.Counter, values: pa.Array) -> None:
@@ -144,36 +93,11 @@ class _Accumulator:
             self.correct += int(pc.sum(pc.equal(batch.column("label"), batch.column("true_label"))).as_py() or 0)
 
 
-def _throughput(success: dict | None) -> float | None:
-    """Images per second recorded by the scoring run, or rows / elapsed when only those are there."""
-    if not success:
-        return None
-    for key in THROUGHPUT_KEYS:
-        if isinstance(success.get(key), (int, float)):
-            return float(success[key])
-    rows = success.get("rows", success.get("images"))
-    elapsed = next((success[k] for k in ELAPSED_KEYS if isinstance(success.get(k), (int, float))), None)
-    if isinstance(rows, (int, float)) and elapsed:
-        return float(rows) / float(elapsed)
-    return None
-
-
-def _read_success(location: str) -> dict | None:
-    marker = storage.join(location, SUCCESS_FILE)
-    if not storage.exists(marker):
-        return None
-    try:
-        payload = storage.read_json(marker)
-    except ValueError:
-        logger.warning("%s is not valid JSON; throughput unknown", marker)
-        return None
-    return payload if isinstance(payload, dict) else None
-
-
 def summarise(config: ReportConfig) -> dict:
     """Scan the predictions folder and return the summary (writes nothing)."""
     started = time.perf_counter()
-    dataset = open_predictions(config.predictions)
+    folder = PredictionsFolder(config.predictions)
+    dataset = folder.scan()
     columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in dataset.schema.names]
     totals = _Accumulator(np.linspace(0.0, 1.0, config.bins + 1), config.threshold)
     # One file at a time: a whole-dataset scan reads files ahead of a slow consumer, so its memory
@@ -182,7 +106,8 @@ def summarise(config: ReportConfig) -> dict:
         for batch in fragment.to_batches(schema=dataset.schema, columns=columns, batch_size=config.batch_size):
             totals.add(batch)
     scored = totals.rows - totals.failed
-    success = _read_success(config.predictions)
+    success = folder.read_success()
+    throughput = success.get("images_per_s") if success else None  # as catdog.scoring writes it
     summary = {
         "predictions": config.predictions,
         "files": len(dataset.files),
@@ -202,7 +127,7 @@ def summarise(config: ReportConfig) -> dict:
         "model_ids": dict(totals.model_ids),
         "first_scored_at": totals.first_scored,
         "last_scored_at": totals.last_scored,
-        "throughput_images_per_s": _throughput(success),
+        "throughput_images_per_s": float(throughput) if isinstance(throughput, (int, float)) else None,
         "success_marker": success,
         "report_seconds": round(time.perf_counter() - started, 3),
     }

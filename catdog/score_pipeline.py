@@ -31,9 +31,8 @@ import pyarrow.compute as pc
 from catdog import imaging, inputs, progress
 from catdog.actor_pool import model_actor_pool
 from catdog.errors import ModelLoadError
-from catdog.predictor import ModelInfo
-from catdog.predictions_folder import PredictionsFolder
-from catdog.schema import predictions_schema
+from catdog.predictions_folder import PredictionsFolder, predictions_schema
+from catdog.run_folder import ModelInfo
 from catdog.score_config import ScoreConfig
 
 logger = logging.getLogger(__name__)

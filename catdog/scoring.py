@@ -25,9 +25,8 @@ import pyarrow as pa
 import catdog
 from catdog import inputs, ledger, progress, score_sources
 from catdog.errors import ModelLoadError
-from catdog.predictions_folder import AccountingError, PredictionsFolder, new_run_id, now_iso
+from catdog.predictions_folder import AccountingError, PredictionsFolder, new_run_id, now_iso, predictions_schema
 from catdog.ray_session import init_ray
-from catdog.schema import predictions_schema
 from catdog.score_config import ScoreConfig
 from catdog.score_pipeline import MAX_PATHS_PER_BLOCK, block_rows, run_reporting_model_errors
 
@@ -83,7 +82,7 @@ def _refuse_empty_folder(source: inputs.InputSource) -> None:
 
 
 def _score_source(config: ScoreConfig, source: inputs.InputSource, started: float) -> dict:
-    from catdog.predictor import describe_model
+    from catdog.run_folder import describe_model
 
     folder = PredictionsFolder(config.output)
     folder.refuse_unsafe(config.input)

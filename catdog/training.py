@@ -23,18 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 import catdog
-from catdog import storage, train_artifacts
 from catdog.dataset import LabelledImages, list_labelled_images, split_train_val
-from catdog.errors import InputError, ModelLoadError, OutputExistsError
+from catdog.errors import InputError, ModelLoadError
+from catdog.metrics import label_scores
+from catdog.run_folder import RunFolder
 from catdog.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"  # Ray Train storage inside the run folder (head-only checkpoints)
-WORKER_LOG = "worker_reports.json"
 BACKBONE_SEED = 0  # fixed, not --seed: the random-init backbone (and its cache) is the same for every seed
 DECODE_BATCH = 32
 
@@ -45,33 +43,6 @@ class TrainResult:
 
     output: str
     metrics: dict
-
-
-def _check_output(output: str, overwrite: bool) -> bool:
-    """Refuse a non-empty output folder unless `overwrite`; True when earlier run files must go."""
-    fs, path = storage.resolve(output)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        raise OutputExistsError(f"--output {output} is a file, not a folder")
-    if info.type == pafs.FileType.NotFound:
-        return False
-    children = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    if not children:
-        return False
-    if not overwrite:
-        raise OutputExistsError(f"--output {output} already holds {len(children)} entries; pass --overwrite to replace the run")
-    return True
-
-
-def _clear_output(output: str) -> None:
-    """Remove an earlier run's files and checkpoints (--overwrite); nothing else in the folder."""
-    fs, _ = storage.resolve(output)
-    for name in train_artifacts.ARTIFACTS:
-        if storage.exists(storage.join(output, name)):
-            storage.delete_file(storage.join(output, name))
-    checkpoints = storage.resolve(storage.join(output, CHECKPOINTS_DIR))[1]
-    if fs.get_file_info(checkpoints).type == pafs.FileType.Directory:
-        fs.delete_dir(checkpoints)
 
 
 def _refuse_node_local_storage(config: TrainConfig) -> None:
@@ -279,8 +250,7 @@ def _fit(config: TrainConfig, loop_config: dict, datasets: dict | None, run_name
     from catdog.train_loop import train_loop_per_worker
     from catdog.worker_log import WorkerReportLog
 
-    checkpoint_root = storage.join(config.output, CHECKPOINTS_DIR)
-    storage_path = checkpoint_root if storage.is_uri(checkpoint_root) else storage.resolve(checkpoint_root)[1]
+    run = RunFolder(config.output)
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     trainer = trainer_class()(
         train_loop_per_worker,
@@ -289,19 +259,19 @@ def _fit(config: TrainConfig, loop_config: dict, datasets: dict | None, run_name
                                      placement_strategy=PLACEMENTS[config.placement]),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            storage_path=run.checkpoint_storage(),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.keep_checkpoints, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
             ),
             failure_config=FailureConfig(max_failures=config.max_failures),
-            callbacks=[WorkerReportLog(storage.join(checkpoint_root, run_name, WORKER_LOG))],
+            callbacks=[WorkerReportLog(run.worker_log(run_name))],
             worker_runtime_env=worker_runtime_env(),
             logging_config=LoggingConfig(log_level="WARNING"),  # no per-report "Checkpoint created" lines
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]) if datasets else None,
     )
-    return trainer.fit(), storage.join(checkpoint_root, run_name, WORKER_LOG)
+    return trainer.fit(), run.worker_log(run_name)
 
 
 def _load_backbone(config: TrainConfig, num_classes: int):
@@ -360,7 +330,8 @@ def train(config: TrainConfig) -> TrainResult:
     # ---- checks that need neither Ray nor TensorFlow --------------------------------------------
     started = time.perf_counter()
     config.validate()
-    clear_output = _check_output(config.output, config.overwrite)
+    run = RunFolder(config.output)
+    clear_output = run.refuse_existing(config.overwrite)
     train_images, val_images = _list_data(config)
     run_id = uuid.uuid4().hex[:12]
     timings = {"listing_s": time.perf_counter() - started}
@@ -377,9 +348,8 @@ def train(config: TrainConfig) -> TrainResult:
         _refuse_node_local_storage(config)  # needs the cluster; before anything is written
         spec, extractor, fast_extractor, fingerprint = loading.result()
     if clear_output:
-        _clear_output(config.output)
+        run.delete_run_files()
     from catdog import calibration
-    from catdog import model as catdog_model
 
     timings["setup_s"] = time.perf_counter() - started - timings["listing_s"]
     from catdog.worker_log import drop_worker_log_noise, read_worker_reports, summarise_worker_reports
@@ -429,7 +399,7 @@ def train(config: TrainConfig) -> TrainResult:
     if not calibration_report["fitted"]:
         logger.warning("Temperature %s", calibration_report["note"])
     model = _final_model(extractor, spec, result.checkpoint, temperature)
-    catdog_model.save_model(model, catdog_model.model_file(config.output))
+    run.write_model(model)
     history = state["history"]
     workers = summarise_worker_reports(read_worker_reports(worker_log), config.num_workers)
     attempts = _worker_attempts(state)
@@ -443,7 +413,8 @@ def train(config: TrainConfig) -> TrainResult:
         "best": best,
         "epochs_run": len(history),
         "stopped_early": state["stopped_early"],
-        "validation": train_artifacts.classification_report(labels, np.argmax(logits, axis=1), class_names),
+        "validation": {**label_scores(labels, np.argmax(logits, axis=1), class_names),
+                       "confusion_matrix_labels": list(class_names)},
         "calibration": calibration_report,
         # per rank: dropout (and augmentation) seeds differ, the initial weights do not
         "seeds": {"run": config.seed, "dropout_by_rank": returned["dropout_seeds"]},
@@ -464,13 +435,13 @@ def train(config: TrainConfig) -> TrainResult:
     run_config = {
         **config.to_dict(), "run_id": run_id, "model_spec": replace(spec, temperature=temperature).to_dict(),
         "weights": config.weights, "backbone_fingerprint": fingerprint, "class_names": class_names,
-        "checkpoints": storage.join(config.output, CHECKPOINTS_DIR, f"train-{run_id}"),
+        "checkpoints": run.checkpoints(f"train-{run_id}"),
     }
     timings["finalize_s"] = time.perf_counter() - step
     timings["wall_time_s"] = time.perf_counter() - started
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
     metrics["wall_time_s"] = metrics["timings"]["wall_time_s"]
-    train_artifacts.write_run_artifacts(config.output, train_images.class_names, run_config, metrics, history)
+    run.write_run_files(train_images.class_names, run_config, metrics, history)
     logger.info("Run %s done in %.1f s: best epoch %d val_accuracy %.4f, temperature %.3f -> %s", run_id,
                 metrics["wall_time_s"], best["epoch"], best["val_accuracy"], temperature, config.output)
     return TrainResult(config.output, metrics)

@@ -15,8 +15,8 @@ from PIL import Image
 
 from benchmarks.peak_memory import run_python
 from catdog.errors import InputError
+from catdog.predictions_folder import predictions_schema, prob_column
 from catdog.report import ReportConfig, format_report, report, summarise
-from catdog.schema import predictions_schema, prob_column
 from jobs import report as report_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def _assert_png(path: Path, min_side: int = 100) -> None:
 
 def test_small_folder_counts_exactly(tmp_path):
     expected = write_predictions(tmp_path / "preds", rows=5000, files=3, with_true_label=True)
-    (tmp_path / "preds" / "_SUCCESS.json").write_text(json.dumps({"rows": 5000, "elapsed_s": 50.0}))
+    (tmp_path / "preds" / "_SUCCESS.json").write_text(json.dumps({"rows_written": 5000, "wall_time_s": 50.0, "images_per_s": 100.0}))
     # Files that are not results must be skipped: quarantined half-written Parquet, hidden files.
     (tmp_path / "preds" / "_quarantine").mkdir()
     (tmp_path / "preds" / "_quarantine" / "broken.parquet").write_bytes(b"PAR1 truncated")

@@ -19,10 +19,9 @@ import pytest
 from PIL import Image
 
 from catdog import predictions_folder as output
-from catdog.predictions_folder import PredictionsFolder
+from catdog.predictions_folder import PredictionsFolder, predictions_schema
 from catdog.errors import CatdogError, OutputExistsError
 from catdog.imaging import decode_image
-from catdog.schema import predictions_schema
 from catdog.score_config import ScoreConfig
 from hostile_corpus import MAX_PIXELS, write_corpus
 
@@ -181,15 +180,14 @@ def test_accounting_catches_duplicates_missing_and_unlisted_rows(tmp_path):
 
 def test_model_description_needs_no_tensorflow_and_matches_catdog_model(tiny_model_run):
     from catdog import model as catdog_model
-    from catdog.predictor import describe_model
-    from catdog.run_folder import model_file
+    from catdog.run_folder import describe_model, model_file
 
     info = describe_model(str(tiny_model_run))
     assert (info.image_size, info.class_names) == (32, tuple(CLASSES))
     assert info.model_id == catdog_model.model_id(str(tiny_model_run))  # the same artifact hash
     for location in (str(tiny_model_run), str(tiny_model_run / "model.keras"), "s3://b/run"):
         assert model_file(location) == catdog_model.model_file(location)
-    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom catdog.predictor import describe_model\n"
+    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom catdog.run_folder import describe_model\n"
                             f"describe_model({str(tiny_model_run)!r})\nprint('tensorflow' in sys.modules)"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     assert probe.stdout.strip() == "False"
@@ -213,7 +211,7 @@ def _lambda_run(folder: Path) -> Path:
 def test_a_model_with_a_lambda_layer_is_refused_before_anything_runs(tmp_path):
     from catdog.errors import ModelLoadError
     from catdog.model import load_model
-    from catdog.predictor import describe_model
+    from catdog.run_folder import describe_model
 
     run = _lambda_run(tmp_path / "run")
     with pytest.raises(ModelLoadError, match="Lambda"):
@@ -233,7 +231,7 @@ def test_a_model_with_a_lambda_layer_is_refused_before_anything_runs(tmp_path):
 @pytest.mark.parametrize("case", ["no_classes", "bad_classes", "not_a_model", "no_model"])
 def test_unusable_run_folders_are_model_load_errors(tmp_path, tiny_model_run, case):
     from catdog.errors import ModelLoadError
-    from catdog.predictor import describe_model
+    from catdog.run_folder import describe_model
 
     run = tmp_path / "run"
     run.mkdir()
@@ -455,7 +453,8 @@ def test_cpu_pools_run_two_batches_per_actor_at_once_and_gpu_pools_one(tmp_path)
 def test_a_predictor_actor_splits_the_cores_between_its_concurrent_batches(ray_cluster, tiny_model_run):
     """In its own (fresh) worker process, a CPU predictor runs each TensorFlow op on its share of
     the cores: 1 thread per op on 2 cores, not TensorFlow's default of every core."""
-    from catdog.predictor import Predictor, describe_model
+    from catdog.predictor import Predictor
+    from catdog.run_folder import describe_model
     from catdog.tensorflow_setup import visible_cores
 
     def threads_and_batches(predictor):
@@ -476,7 +475,8 @@ def test_predictor_calls_from_two_threads_equal_the_same_calls_one_at_a_time(tin
     """The scoring actor calls one Predictor from two threads at once: same rows as one by one."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from catdog.predictor import Predictor, describe_model
+    from catdog.predictor import Predictor
+    from catdog.run_folder import describe_model
 
     predictor = Predictor(describe_model(str(tiny_model_run)), "float32")
     rng = np.random.default_rng(0)
