@@ -66,6 +66,7 @@ class Predictor:
                  with_true_label: bool = False, progress=None):
         started = time.monotonic()
         self._progress = progress  # a catdog.progress.ProgressCounter actor, told of every batch
+        self._metrics = None
         from catdog.actor_pool import configure_model_actor
 
         self.concurrent_batches = configure_model_actor(use_gpu)
@@ -88,6 +89,12 @@ class Predictor:
             reduce_retracing=True,
         )
         self._forward(tf.zeros([1, size, size, 3], tf.uint8))  # trace now, not on the first batch
+        import ray
+
+        if ray.is_initialized():  # in an actor (or a driver with Ray): live metrics on the node's endpoint
+            from catdog.score_metrics import ScoringMetrics
+
+            self._metrics = ScoringMetrics(info.model_id)
         logger.info("Predictor ready in %.1f s: model %s (%s); batches at a time: %d, TensorFlow threads per op: %s",
                     time.monotonic() - started, info.model_id, precision, self.concurrent_batches,
                     tf.config.threading.get_intra_op_parallelism_threads() or "all cores")
@@ -97,6 +104,7 @@ class Predictor:
         return np.asarray(self._forward(pixels), dtype=np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        started = time.monotonic()
         errors = batch["error"]
         ok = np.array([e is None for e in errors], dtype=bool)
         n = len(errors)
@@ -104,8 +112,11 @@ class Predictor:
         if ok.any():
             probs[ok] = self.predict(np.ascontiguousarray(batch["image"][ok]))
         rows = self._rows(batch, probs, ok)
+        kinds = error_kinds(errors)
         if self._progress is not None:
-            self._progress.add.remote(n, error_kinds(errors))
+            self._progress.add.remote(n, kinds)
+        if self._metrics is not None:
+            self._metrics.record(n, kinds, started, time.monotonic())
         return rows
 
     def _rows(self, batch: dict[str, np.ndarray], probs: np.ndarray, ok: np.ndarray) -> pa.Table:
