@@ -6,6 +6,7 @@
     metrics.json   final and best metrics, validation report, calibration, data counts, cache use
     history.csv    one row per epoch: loss, accuracy, val_loss, val_accuracy, epoch_time_s
     curves.png     training vs validation accuracy and loss per epoch
+    tensorboard/   rank 0's per-epoch scalars as TensorFlow event files (`tensorboard --logdir RUN/tensorboard`)
     checkpoints/   Ray Train's storage: checkpoints/train-<run id>/, with worker_reports.json
 
 A location is a run folder, or a `.keras` file whose folder holds classes.json; a local path or a
@@ -40,6 +41,7 @@ METRICS_FILENAME = "metrics.json"
 HISTORY_FILENAME = "history.csv"
 CURVES_FILENAME = "curves.png"
 CHECKPOINTS_DIR = "checkpoints"  # Ray Train storage inside the run folder (head-only checkpoints)
+TENSORBOARD_DIR = "tensorboard"  # event files, written by rank 0 (catdog.train_loop.EpochScalars)
 WORKER_LOG = "worker_reports.json"  # beside one Train run's checkpoints
 RUN_FILES = (MODEL_FILENAME, CLASSES_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, HISTORY_FILENAME, CURVES_FILENAME)
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_time_s"]
@@ -172,14 +174,14 @@ class RunFolder:
         return True
 
     def delete_run_files(self) -> None:
-        """Remove an earlier run's files and checkpoints (--overwrite); nothing else in the folder."""
+        """Remove an earlier run's files, event files and checkpoints (--overwrite); nothing else in the folder."""
         fs, root = self._resolved
         for name in RUN_FILES:
             if self._exists(name):
                 fs.delete_file(posixpath.join(root, name))
-        checkpoints = posixpath.join(root, CHECKPOINTS_DIR)
-        if fs.get_file_info(checkpoints).type == pafs.FileType.Directory:
-            fs.delete_dir(checkpoints)
+        for folder in (CHECKPOINTS_DIR, TENSORBOARD_DIR):
+            if fs.get_file_info(posixpath.join(root, folder)).type == pafs.FileType.Directory:
+                fs.delete_dir(posixpath.join(root, folder))
 
     def checkpoint_storage(self) -> str:
         """Ray Train's `storage_path`: checkpoints/, as a URI or an absolute local path."""
@@ -189,6 +191,24 @@ class RunFolder:
     def checkpoints(self, run_name: str) -> str:
         """The checkpoints of one Train run (`run_name`, as given to Ray Train's RunConfig)."""
         return storage.join(self.folder, CHECKPOINTS_DIR, run_name)
+
+    def tensorboard_dir(self) -> str:
+        """Where rank 0 copies its TensorFlow event files after every epoch."""
+        return self._file(TENSORBOARD_DIR)
+
+    def copy_run_files(self, local_folder: str) -> list[str]:
+        """Copy the run's files and event files (not its checkpoints) into a local folder, for
+        an MLflow run's artifacts (catdog.tracking); returns the names copied."""
+        fs, root = self._resolved
+        names = [name for name in RUN_FILES if self._exists(name)]
+        events = posixpath.join(root, TENSORBOARD_DIR)
+        if fs.get_file_info(events).type == pafs.FileType.Directory:
+            names += sorted(posixpath.join(TENSORBOARD_DIR, posixpath.relpath(info.path, events))
+                            for info in fs.get_file_info(pafs.FileSelector(events, recursive=True))
+                            if info.type == pafs.FileType.File)
+        for name in names:
+            storage.copy_to_local(self._file(name), posixpath.join(local_folder, name))
+        return names
 
     def worker_log(self, run_name: str) -> str:
         """The worker reports of one Train run, beside its checkpoints (catdog.worker_log)."""

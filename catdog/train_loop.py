@@ -16,6 +16,10 @@ Each epoch every worker calls `ray.train.report` (a barrier) with its metrics an
 of its own head weights; rank 0 attaches a small checkpoint (head, best head, optimizer state,
 history), from which a restarted worker group resumes at the next epoch.
 
+Rank 0 also writes TensorBoard scalars each epoch (`EpochScalars`): TensorFlow's file writer
+into a local folder, copied into RUN/tensorboard/ through catdog.storage, since the run folder may
+be an s3:// URI that TensorFlow cannot open without tensorflow-io.
+
 Seeds: the run seed builds the head, so every worker starts from the same weights (MWMS also
 broadcasts rank 0's initial values, the dropout seed state included). Then each worker re-seeds
 its own randomness, dropout masks and augmentation, from `worker_seed` (run seed, rank, first
@@ -28,7 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import resource
+import shutil
 import tempfile
 import time
 import uuid
@@ -36,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from catdog import storage
 from catdog.tensorflow_setup import configure_tensorflow
 
 logger = logging.getLogger(__name__)
@@ -47,6 +54,8 @@ STATE_FILE = "state.json"
 VAL_BATCH_SIZE = 256  # forward-only; bounded memory even for flatten features
 SHUFFLE_BUFFER = 2048  # end-to-end mode: decoded images mixed locally across Ray Data blocks
 TEXT_WIDTH = 64  # bytes gathered per string; a Ray node id is 56 hex characters
+# TensorBoard scalars: the history columns plus the optimizer's learning rate, tagged by these names
+EPOCH_SCALARS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_time_s")
 
 
 def head_fingerprint(head) -> str:
@@ -55,6 +64,44 @@ def head_fingerprint(head) -> str:
     for weight in head.get_weights():
         digest.update(np.ascontiguousarray(weight).tobytes())
     return digest.hexdigest()[:16]
+
+
+class EpochScalars:
+    """Rank 0's TensorBoard event file: one scalar per name of EPOCH_SCALARS per epoch, step = epoch.
+
+    Written with `tf.summary.write` and the scalars plugin's metadata (what `tf.summary.scalar`
+    writes; that one lives in the tensorboard package, which TensorFlow 2.21 does not install).
+    After each epoch the local event file is copied whole to `destination`; a copy that fails is
+    logged and the next epoch's copy catches up: TensorBoard must never stop a training run.
+    """
+
+    def __init__(self, destination: str):
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        self.destination = destination
+        self._local = tempfile.mkdtemp(prefix="catdog-tensorboard-")
+        self._writer = tf.summary.create_file_writer(self._local)
+        self._metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+            data_class=summary_pb2.DATA_CLASS_SCALAR)
+
+    def write(self, step: int, values: dict) -> None:
+        import tensorflow as tf
+
+        with self._writer.as_default():
+            for name in EPOCH_SCALARS:
+                tf.summary.write(name, tf.constant(values[name], tf.float32), step=step, metadata=self._metadata)
+        self._writer.flush()
+        try:
+            for name in os.listdir(self._local):
+                storage.write_bytes(storage.join(self.destination, name), Path(self._local, name).read_bytes())
+        except OSError as exc:
+            logger.warning("Could not copy TensorBoard events to %s (retried next epoch): %s", self.destination, exc)
+
+    def close(self) -> None:
+        self._writer.close()
+        shutil.rmtree(self._local, ignore_errors=True)
 
 
 def _fresh_state() -> dict:
@@ -337,6 +384,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         return rows[:, :spec.num_classes], rows[:, spec.num_classes].astype(np.int64), paths
 
     # ---- epochs --------------------------------------------------------------------------------
+    scalars = EpochScalars(config["tensorboard_dir"]) if rank == 0 and config.get("tensorboard_dir") else None
     for epoch in range(state["epoch"] + 1, config["epochs"] + 1):
         if state["stopped_early"]:
             break
@@ -368,8 +416,12 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 _save(Path(folder), head, best_head, optimizer, state)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}-{uuid.uuid4().hex[:8]}")
+        if scalars is not None:  # after the checkpoint: a restarted group resumes after the last epoch written
+            scalars.write(epoch, {**row, "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate))})
         if rank == 0:
             logger.info("Epoch %d/%d: %s", epoch, config["epochs"], {k: round(v, 4) for k, v in row.items()})
+    if scalars is not None:
+        scalars.close()
 
     # ---- best head on the validation set, for temperature scaling --------------------------------
     logits, labels, paths = all_validation_logits(best_logits_model)  # every rank takes part in the gather

@@ -360,7 +360,7 @@ def train(config: TrainConfig) -> TrainResult:
         "model_spec": spec.to_dict(), "mode": config.mode, "weights": config.weights_arg, "seed": config.seed,
         "backbone_seed": BACKBONE_SEED, "backbone_fingerprint": fingerprint, "epochs": config.epochs,
         "learning_rate": config.learning_rate, "patience": config.patience, "augment": config.augment, "use_gpu": config.use_gpu,
-        "per_worker_batch_size": config.per_worker_batch_size,
+        "per_worker_batch_size": config.per_worker_batch_size, "tensorboard_dir": run.tensorboard_dir(),
         "feature_refs": None,  # cached mode: object refs of the train/val embeddings (or "feature_handoff")
     }
     run_name = f"train-{run_id}"
