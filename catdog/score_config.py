@@ -17,6 +17,9 @@ DEFAULT_GPU_BATCH_SIZE = 128
 # Rows per output file (at least): ~100-200 bytes a row, so a few MB per file -- analytics-friendly,
 # while a crash loses at most this many rows of finished work (resume re-scores them).
 DEFAULT_ROWS_PER_FILE = 20_000
+# Seconds --use-gpu waits for an autoscaler to bring the first GPU node: cloud GPU nodes take
+# minutes to boot and start Ray.
+DEFAULT_WAIT_FOR_WORKERS_S = 600.0
 
 
 @dataclass
@@ -30,8 +33,8 @@ class ScoreConfig:
     precision: str = "float32"
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
-    num_workers: int | None = None  # fixed predictor pool size; default: 1 on CPU, all GPUs on GPU
-    min_workers: int | None = None  # autoscaling pool (with max_workers)
+    num_workers: int | None = None  # fixed pool; default: 1 on CPU, every GPU (growing with an autoscaler) on GPU
+    min_workers: int | None = None  # autoscaling pool: needs max_workers (which alone means min 1)
     max_workers: int | None = None
     batch_size: int | None = None  # default: DEFAULT_CPU_BATCH_SIZE or DEFAULT_GPU_BATCH_SIZE
     overwrite: bool = False
@@ -44,6 +47,8 @@ class ScoreConfig:
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     ray_address: str | None = None
     progress_interval_s: float = 10.0  # seconds between progress log lines
+    assume_shared_storage: bool = False  # local paths are mounted on every node (catdog.cluster_checks)
+    wait_for_workers_s: float = DEFAULT_WAIT_FOR_WORKERS_S  # --use-gpu: for the first GPU node
 
     def __post_init__(self):
         self.validate()
@@ -66,8 +71,8 @@ class ScoreConfig:
                 raise CatdogError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.num_workers is not None and (self.min_workers is not None or self.max_workers is not None):
             raise CatdogError("give either --num-workers or --min-workers/--max-workers, not both")
-        if (self.min_workers is None) != (self.max_workers is None):
-            raise CatdogError("--min-workers and --max-workers go together")
+        if self.min_workers is not None and self.max_workers is None:
+            raise CatdogError("--min-workers needs --max-workers (alone, --max-workers means a pool from 1 up)")
         if self.min_workers is not None and self.min_workers > self.max_workers:
             raise CatdogError("--min-workers must be <= --max-workers")
         if self.max_image_pixels < 1:
@@ -78,6 +83,8 @@ class ScoreConfig:
             raise CatdogError("--drop-unlisted goes with --resume")
         if self.rows_per_file < 1:
             raise CatdogError("--rows-per-file must be >= 1")
+        if self.wait_for_workers_s < 0:
+            raise CatdogError("--wait-for-workers must be >= 0 seconds")
 
     @property
     def effective_batch_size(self) -> int:

@@ -10,6 +10,10 @@ overlap; Ray Data's streaming executor bounds what is in flight. On CPU each pre
 batches at once, each op on half the cores (`catdog.actor_pool`). Per-row Python happens only in
 decoding (Pillow) -- never in the model call.
 
+The predictor pool (`plan_pool`): the flags, else one CPU predictor, else with --use-gpu one per
+GPU present -- growing up to the GPUs an autoscaler can add (`catdog.cluster_capacity`), as Ray
+Data adds actors when work queues and nodes join. `PoolWatcher` logs its size as it changes.
+
 Memory, per process: a decode task holds one batch of decoded pixels (batch x size^2 x 3 bytes)
 plus one full-size image while decoding it (bounded by --max-image-pixels and --max-file-bytes).
 A predictor actor holds TensorFlow, the model and the activations of the batches it runs at once
@@ -24,6 +28,8 @@ import contextlib
 import logging
 import math
 import re
+import threading
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -51,6 +57,8 @@ TARGET_BLOCKS = 200
 # fixed budget of a few blocks and batches ahead keeps memory flat and the predictors fed
 # (benchmarks/README.md, Scoring memory against input size).
 MIN_OBJECT_STORE_BUDGET = 512 * 2**20
+# Seconds between counts of alive predictors: a GCS read, cheap; GPU nodes take minutes to join.
+POOL_POLL_S = 2.0
 
 
 def decode_batch(batch: pa.Table, image_size: int, max_pixels: int, max_bytes: int) -> pa.Table:
@@ -77,19 +85,96 @@ def decode_batch(batch: pa.Table, image_size: int, max_pixels: int, max_bytes: i
     return pa.table(columns)
 
 
-def _actor_pool(config: ScoreConfig):
-    """The predictor pool: fixed, autoscaling, or one per GPU; on CPU each actor runs two batches at once."""
-    import ray
+@dataclass(frozen=True)
+class PoolPlan:
+    """Predictor pool bounds and why; Ray Data grows a pool with min < max as work queues and
+    resources (nodes an autoscaler adds) allow."""
 
+    min_size: int
+    max_size: int
+    why: str
+
+    def as_dict(self) -> dict:
+        return {"min": self.min_size, "max": self.max_size, "why": self.why}
+
+
+def plan_pool(config: ScoreConfig) -> PoolPlan:
+    """Pool bounds: the flags; else 1 on CPU; with --use-gpu every GPU present, growing up to the
+    GPUs the autoscaler can add when it can add some (`catdog.cluster_capacity`)."""
     if config.num_workers is not None:
-        size = {"size": config.num_workers}
-    elif config.min_workers is not None:
-        size = {"min_size": config.min_workers, "max_size": config.max_workers}
-    elif config.use_gpu:
-        size = {"size": max(1, int(ray.cluster_resources().get("GPU", 0) // config.gpus_per_worker))}
-    else:
-        size = {"size": 1}
-    return model_actor_pool(config.use_gpu, **size)
+        return PoolPlan(config.num_workers, config.num_workers, "--num-workers")
+    if config.max_workers is not None:
+        low = config.min_workers if config.min_workers is not None else 1
+        return PoolPlan(low, config.max_workers, "--min-workers/--max-workers")
+    if not config.use_gpu:
+        return PoolPlan(1, 1, "one CPU predictor (default)")
+    from catdog.cluster_capacity import GPU, capacity
+
+    found = capacity(GPU)
+    per_actor = config.gpus_per_worker
+    now = max(1, int(found.present // per_actor))
+    if found.autoscaling:
+        most = max(now, int(found.most // per_actor))
+        return PoolPlan(now, most, f"grows with GPU nodes up to {found.most:g} GPUs ({found.source})")
+    if found.most is None:
+        logger.info("Predictor pool: %d, one per GPU present; the autoscaler's limits are %s: pass --max-workers "
+                    "for a pool that grows as GPU nodes join", now, found.source)
+    return PoolPlan(now, now, f"one per GPU present ({found.present:g})")
+
+
+def _actor_pool(config: ScoreConfig, plan: PoolPlan | None = None):
+    """The predictor pool (`plan_pool`); on CPU each actor runs two batches at once."""
+    plan = plan or plan_pool(config)
+    if plan.min_size == plan.max_size:
+        return model_actor_pool(config.use_gpu, size=plan.min_size)
+    return model_actor_pool(config.use_gpu, min_size=plan.min_size, max_size=plan.max_size)
+
+
+class PoolWatcher:
+    """Counts this job's alive predictor actors every POOL_POLL_S in a thread; logs each change and
+    keeps the peak. Reads the GCS actor table (no dashboard needed); best effort."""
+
+    def __init__(self, plan: PoolPlan, interval_s: float = POOL_POLL_S):
+        self.plan, self.interval_s, self.peak, self._last = plan, interval_s, 0, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="catdog-pool", daemon=True)
+
+    def __enter__(self) -> PoolWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def poll(self) -> int | None:
+        alive = alive_predictors()
+        if alive is None:
+            return None
+        self.peak = max(self.peak, alive)
+        if alive != self._last:
+            logger.info("Predictor pool: %d alive (min %d, max %d: %s)", alive, self.plan.min_size,
+                        self.plan.max_size, self.plan.why)
+            self._last = alive
+        return alive
+
+
+def alive_predictors() -> int | None:
+    """Alive predictor actors of this job (Ray Data names the actor class after the UDF)."""
+    import ray
+    import ray._private.state
+
+    try:
+        job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+        table = ray._private.state.state.actor_table(None, job_id=job, actor_state_name="ALIVE")
+    except Exception as exc:  # noqa: BLE001 - a private Ray API; the pool size is only reported
+        logger.debug("Could not read the actor table: %s", exc)
+        return None
+    return sum(1 for actor in table.values() if "Predictor" in actor.get("ActorClassName", ""))
 
 
 def block_rows(total: int, batch_size: int) -> int:
@@ -121,12 +206,12 @@ def _object_store_budget(budget: int):
 
 
 def run_pipeline(source, total: int, with_true_label: bool, config: ScoreConfig, info: ModelInfo, run_id: str,
-                 counter, total_known: bool = True, read_args: dict | None = None) -> None:
+                 counter, total_known: bool = True, read_args: dict | None = None) -> dict:
     """Score the paths a Ray Data `source` yields into new part files of `config.output`.
 
     `total`: files to score (for block sizes and progress); with `total_known` False a streaming
     listing reports them to the progress `counter` as it goes. `read_args`: Ray options of the
-    source's read tasks.
+    source's read tasks. Returns the predictor pool: {min, max, why, peak} (peak: most alive at once).
     """
     import ray
 
@@ -137,10 +222,12 @@ def run_pipeline(source, total: int, with_true_label: bool, config: ScoreConfig,
     predictor_resources = {"num_cpus": PREDICTOR_CPUS}
     if config.use_gpu:
         predictor_resources["num_gpus"] = config.gpus_per_worker
-    pool = _actor_pool(config)
+    plan = plan_pool(config)
+    pool = _actor_pool(config, plan)
     budget = object_store_budget(total, batch_size, info.image_size, pool.max_size)
-    with _object_store_budget(budget), progress.logging_progress(counter, total if total_known else None,
-                                                                 config.progress_interval_s):
+    logger.info("Predictor pool: min %d, max %d (%s)", plan.min_size, plan.max_size, plan.why)
+    with _object_store_budget(budget), PoolWatcher(plan) as watcher, progress.logging_progress(
+            counter, total if total_known else None, config.progress_interval_s):
         ds = ray.data.read_datasource(source, ray_remote_args={"num_cpus": DECODE_CPUS, **(read_args or {})})
         ds = ds.map_batches(
             decode_batch,
@@ -169,9 +256,10 @@ def run_pipeline(source, total: int, with_true_label: bool, config: ScoreConfig,
             ray_remote_args={"num_cpus": WRITE_CPUS},
             schema=schema,
         )
+    return {**plan.as_dict(), "peak": watcher.peak}
 
 
-def run_reporting_model_errors(*args, **kwargs) -> None:
+def run_reporting_model_errors(*args, **kwargs) -> dict:
     """`run_pipeline`; a model the actors cannot load is the user's ModelLoadError (exit 2).
 
     The driver checks the artifact without loading it; what only loading can find (corrupt
@@ -180,7 +268,7 @@ def run_reporting_model_errors(*args, **kwargs) -> None:
     from ray.exceptions import RayActorError
 
     try:
-        run_pipeline(*args, **kwargs)
+        return run_pipeline(*args, **kwargs)
     except RayActorError as exc:
         found = re.search(r"ModelLoadError: (.+)", str(exc))
         if exc.actor_init_failed and found:

@@ -8,6 +8,10 @@ Two paths, both keeping the listing in the output's `_listing/`:
   input is listed into `_listing/` first, then `catdog.ledger` compares it with the rows already
   written, bucket by bucket, drops repeated paths and writes what is left to score into `_todo/`.
 
+Before anything is written, a run that joins a cluster checks it (`_check_cluster`): local paths
+on a cluster of several nodes are refused unless shared (`catdog.cluster_checks`), and
+`--use-gpu` needs a GPU or an autoscaler that can add one (`catdog.cluster_capacity`).
+
 Either way `_SUCCESS.json` is written only after accounting (`PredictionsFolder.account`) finds
 exactly one row per listed file. The driver keeps counters, never the list of paths: memory does
 not grow with the input (see docs/operations.md, Sizing).
@@ -16,6 +20,7 @@ not grow with the input (see docs/operations.md, Sizing).
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,6 +50,7 @@ class _Outcome:
     removed: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     kept_unlisted: object = None  # a stream of tables of paths kept from an earlier listing
+    pool: dict | None = None  # the predictor pool: min, max, why, peak (None: nothing scored)
 
 
 def score(config: ScoreConfig) -> dict:
@@ -55,6 +61,8 @@ def score(config: ScoreConfig) -> dict:
         ModelLoadError: missing, unsafe or inconsistent model (nothing is written).
         OutputExistsError: output not empty and neither overwrite nor resume asked, or an output
             that is a root, the home folder, or overlaps the input (nothing is written).
+        LocalPathOnClusterError: a local path on a cluster of several nodes (nothing is written).
+        ClusterResourceError: --use-gpu with no GPU to be had, or none in time (nothing is written).
         AccountingError: the written rows do not match the listed files (exit 1).
     """
     started = time.monotonic()
@@ -88,6 +96,7 @@ def _score_source(config: ScoreConfig, source: inputs.InputSource, started: floa
     folder.refuse_unsafe(config.input)
     run_id = new_run_id()
     info = describe_model(config.model)
+    _check_cluster(config, source)
     schema = predictions_schema(info.class_names, with_true_label=source.has_true_label)
     run_info = {
         "run_id": run_id, "started_at": now_iso(), "model": config.model, "model_id": info.model_id,
@@ -122,6 +131,8 @@ def _score_source(config: ScoreConfig, source: inputs.InputSource, started: floa
         "finished_at": now_iso(),
         "wall_time_s": round(wall, 3),
         "images_per_s": round(outcome.scored / wall, 3) if wall > 0 else None,
+        "predictors_peak": outcome.pool["peak"] if outcome.pool else 0,
+        "predictor_pool": outcome.pool,
         "schema": {f.name: str(f.type) for f in schema},
     }
     folder.write_success(summary)
@@ -140,15 +151,18 @@ def _stream(config, source, folder, info, run_id, schema, scratch) -> _Outcome:
     init_ray(config.ray_address)
     counter = progress.start_counter()
     rows = min(MAX_PATHS_PER_BLOCK, 4 * config.effective_batch_size)
-    # The walk reads the driver's view of a local input; object stores are the same from anywhere.
+    # The walk reads the driver's view of a local input; object stores, and local paths every node
+    # mounts (--assume-shared-storage, the one way a cluster of several nodes takes them), are the
+    # same from anywhere.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    run_reporting_model_errors(
+    pinned = "://" not in source.location and not config.assume_shared_storage
+    pool = run_reporting_model_errors(
         score_sources.ListingSource(source, config.output, rows, counter), inputs.CHUNK_ROWS,
         source.has_true_label, config, info, run_id, counter, total_known=False,
-        read_args={} if "://" in source.location else {"scheduling_strategy": here})
+        read_args={"scheduling_strategy": here} if pinned else {})
     listing = ray.get(counter.totals.remote())
     return _Outcome(listed=listing["files_listed"] or 0, scored=listing["files_listed"] or 0,
-                    skipped=listing["skipped"])
+                    skipped=listing["skipped"], pool=pool)
 
 
 def _plan_and_score(config, source, folder, info, run_id, schema, scratch) -> _Outcome:
@@ -182,9 +196,34 @@ def _plan_and_score(config, source, folder, info, run_id, schema, scratch) -> _O
     if plan.todo:
         init_ray(config.ray_address)
         rows = block_rows(plan.todo, config.effective_batch_size)
-        run_reporting_model_errors(score_sources.ChunkFilesSource(folder.todo_files(), folder.fs, rows), plan.todo,
-                                   source.has_true_label, config, info, run_id, progress.start_counter())
+        outcome.pool = run_reporting_model_errors(
+            score_sources.ChunkFilesSource(folder.todo_files(), folder.fs, rows), plan.todo,
+            source.has_true_label, config, info, run_id, progress.start_counter())
     return outcome
+
+
+def _check_cluster(config: ScoreConfig, source: inputs.InputSource) -> None:
+    """Refuse, before anything is written, what the Ray cluster cannot do as asked.
+
+    Only a run that joins Ray (an address, a Ray already running here) or needs a GPU connects
+    now; any other run starts its own one-node local Ray later, where neither question arises.
+    """
+    import ray
+
+    from catdog.cluster_capacity import wait_for_gpus
+    from catdog.cluster_checks import refuse_local_paths_on_cluster
+
+    if not (config.use_gpu or config.ray_address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        return
+    init_ray(config.ray_address)
+    paths = {"--model": config.model, "--output": config.output}
+    if source.kind == "folder":  # a manifest's rows name their own locations
+        paths["--input"] = config.input
+    refuse_local_paths_on_cluster(paths, config.assume_shared_storage)
+    if config.use_gpu:
+        from catdog.score_pipeline import PREDICTOR_CPUS
+
+        wait_for_gpus(config.gpus_per_worker, PREDICTOR_CPUS, config.wait_for_workers_s)
 
 
 def _account(folder: PredictionsFolder, outcome: _Outcome, run_id: str) -> dict:

@@ -1,8 +1,13 @@
 """Score every image of a folder, URI prefix or manifest into Parquet: one row per file, resumable.
 
     ray job submit --working-dir . -- python -m jobs.score \\
-        --model /runs/r1 --input s3://bucket/images/ --output s3://bucket/preds/2026-11-28/ \\
-        --use-gpu --num-workers 8
+        --model s3://bucket/runs/r1 --input s3://bucket/images/ --output s3://bucket/preds/2026-11-28/ --use-gpu
+
+With --use-gpu the predictor pool is one per GPU present and, on a cluster whose autoscaler can add
+GPU nodes, grows up to the GPUs it can add (--num-workers fixes it, --max-workers caps it); with no
+GPU node yet it waits up to --wait-for-workers seconds for one, and exits 2 when none can come.
+On a cluster of several nodes local paths are refused (exit 2) unless every node mounts them
+(--assume-shared-storage).
 
 Locally (starts a local Ray): python -m jobs.score --model runs/r1 --input photos/ --output preds/
 Re-running into an existing output needs --resume (skip the files already scored) or --overwrite
@@ -15,6 +20,8 @@ import argparse
 import json
 
 from catdog.cli import add_common_arguments, add_predictor_arguments, configure_logging, run_job
+from catdog.cluster_checks import SHARED_STORAGE_FLAG, SHARED_STORAGE_HELP
+from catdog.score_config import DEFAULT_WAIT_FOR_WORKERS_S
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,7 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_predictor_arguments(parser)
     parser.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per predictor (fractions share a GPU)")
     parser.add_argument("--min-workers", type=int, default=None, help="autoscaling pool: fewest predictor actors")
-    parser.add_argument("--max-workers", type=int, default=None, help="autoscaling pool: most predictor actors")
+    parser.add_argument("--max-workers", type=int, default=None,
+                        help="autoscaling pool: most predictor actors (alone: from 1 up; default with --use-gpu: "
+                             "the GPUs the cluster's autoscaler can add)")
+    parser.add_argument("--wait-for-workers", type=float, default=DEFAULT_WAIT_FOR_WORKERS_S, metavar="SECONDS",
+                        help="--use-gpu on a cluster with no GPU node yet: wait this long for the autoscaler to add "
+                             "one, then exit 2 (default %(default)g)")
+    parser.add_argument(SHARED_STORAGE_FLAG, action="store_true", help=SHARED_STORAGE_HELP)
     parser.add_argument("--rows-per-file", type=int, default=None, help="rows per output file, at least (default 20000)")
     parser.add_argument("--partition-by", choices=("label",), default=None, help="write hive folders label=<class>/")
     parser.add_argument("--max-image-pixels", type=int, default=None,
@@ -59,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
             use_gpu=args.use_gpu, gpus_per_worker=args.gpus_per_worker, num_workers=args.num_workers,
             min_workers=args.min_workers, max_workers=args.max_workers, batch_size=args.batch_size,
             overwrite=args.overwrite, resume=args.resume, drop_unlisted=args.drop_unlisted,
-            partition_by=args.partition_by,
-            follow_symlinks=args.follow_symlinks, ray_address=args.ray_address, **optional,
+            partition_by=args.partition_by, follow_symlinks=args.follow_symlinks, ray_address=args.ray_address,
+            assume_shared_storage=args.assume_shared_storage, wait_for_workers_s=args.wait_for_workers, **optional,
         ))
         print(json.dumps(summary, indent=2, sort_keys=True, default=str))
 
