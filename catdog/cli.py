@@ -42,7 +42,8 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bfloat16 is faster on AMX/AVX512-BF16 CPUs; float16 for GPUs")
     parser.add_argument("--use-gpu", action="store_true", help="run predictors on GPUs")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="predictor actors (default: 1 on CPU, every GPU with --use-gpu)")
+                        help="a fixed number of predictor actors (default: 1 on CPU; with --use-gpu one per GPU, "
+                             "growing with the GPU nodes an autoscaler adds)")
     parser.add_argument("--batch-size", type=int, default=None, help=f"images per predictor call (default {DEFAULT_CPU_BATCH_SIZE} CPU, {DEFAULT_GPU_BATCH_SIZE} GPU)")
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
 
