@@ -47,6 +47,7 @@ class EvaluateConfig:
     precision: str = "float32"
     use_gpu: bool = False
     ray_address: str | None = None
+    model_uri: str | None = None  # an MLflow --model (catdog.tracking): the version evaluated; model is its download
 
     def __post_init__(self):
         if self.bins < 1:
@@ -96,6 +97,7 @@ def score_manifest(config: EvaluateConfig, manifest: str) -> dict:
 
     score_config = ScoreConfig(
         model=config.model,
+        model_uri=config.model_uri,
         input=manifest,
         output=storage.join(config.output, PREDICTIONS_DIR),
         overwrite=config.overwrite,
@@ -185,7 +187,8 @@ def evaluate(config: EvaluateConfig) -> dict:
     predictions = storage.join(config.output, PREDICTIONS_DIR)
     result, arrays = compute_metrics(read_predictions(predictions, class_names), class_names, config.bins)
     _add_calibration_comparison(result, arrays["probs"], arrays["y_true"], config.model, config.bins)
-    result.update(model=config.model, data=config.data, predictions=predictions, images=listed, scoring=scoring)
+    result.update(model=config.model, model_uri=config.model_uri, data=config.data, predictions=predictions,
+                  images=listed, scoring=scoring)
     write_plots(config.output, result, arrays, class_names, config.mistakes, config.bins)
     result["seconds"] = round(time.perf_counter() - started, 1)
     storage.write_json(storage.join(config.output, METRICS_FILE), result)

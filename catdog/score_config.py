@@ -30,6 +30,7 @@ class ScoreConfig:
     model: str
     input: str
     output: str
+    model_uri: str | None = None  # an MLflow --model (catdog.tracking): the version scored; model is its download
     precision: str = "float32"
     use_gpu: bool = False
     gpus_per_worker: float = 1.0

@@ -100,6 +100,7 @@ def _score_source(config: ScoreConfig, source: inputs.InputSource, started: floa
     schema = predictions_schema(info.class_names, with_true_label=source.has_true_label)
     run_info = {
         "run_id": run_id, "started_at": now_iso(), "model": config.model, "model_id": info.model_id,
+        "model_uri": config.model_uri,
         "class_names": list(info.class_names), "partition_by": config.partition_by,
         "with_true_label": source.has_true_label, "input": config.input, "catdog_version": catdog.__version__,
     }

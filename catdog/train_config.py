@@ -24,7 +24,8 @@ class TrainConfig:
     `batch_size` is global: each of the `num_workers` workers takes `batch_size // num_workers`
     examples per step. `patience` 0 turns early stopping off. `cache_dir` None means
     `~/.cache/catdog/features`. On a cluster of several nodes, local `output` and cache paths are
-    refused unless `assume_shared_storage` (catdog.cluster_checks).
+    refused unless `assume_shared_storage` (catdog.cluster_checks). With a tracking URI the run is
+    logged to MLflow from the driver and, with `register_as`, registered (catdog.tracking).
     """
 
     data: str
@@ -54,6 +55,9 @@ class TrainConfig:
     max_failures: int = 1
     overwrite: bool = False
     assume_shared_storage: bool = False  # local --output/--cache-dir are on storage every node sees
+    mlflow_uri: str | None = None  # MLflow tracking server; None: MLFLOW_TRACKING_URI, else no tracking
+    mlflow_experiment: str | None = None  # None: MLFLOW_EXPERIMENT_NAME, else "catdog"
+    register_as: str | None = None  # registered model name for the run folder (needs tracking)
 
     def validate(self) -> None:
         """Check every setting that does not need the data; raise CatdogError naming the problem."""
@@ -83,6 +87,8 @@ class TrainConfig:
             problems.append(f"--max-failures must be -1 (unlimited) or more, got {self.max_failures}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.register_as is not None and not self.tracking_uri:
+            problems.append("--register-as needs an MLflow server: pass --mlflow-uri or set MLFLOW_TRACKING_URI")
         if self.augment and self.mode != "end-to-end":
             problems.append("--augment needs --mode end-to-end (cached features are computed once, without augmentation)")
         if problems:
@@ -94,6 +100,11 @@ class TrainConfig:
                 # checked here, before Ray starts: the backbone itself loads while Ray starts
                 raise ModelLoadError(f"could not load backbone weights {self.weights!r}: not an HDF5 file "
                                      "(expected a Keras .weights.h5 file)")
+
+    @property
+    def tracking_uri(self) -> str | None:
+        """The MLflow tracking URI the run logs to, or None: no tracking."""
+        return self.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
     @property
     def weights_arg(self) -> str | None:

@@ -4,6 +4,7 @@
       -> TensorflowTrainer(catdog.train_loop.train_loop_per_worker) with fault tolerance
       -> best head + temperature (fitted on half the validation rows, judged on the other half,
          catdog.calibration.calibrate) + frozen extractor -> model.keras and run files
+      -> with a tracking URI: the run logged to MLflow and registered (catdog.tracking)
 
 In cached mode the embeddings are computed while Ray Train starts (the workers wait for them at a
 FeatureHandoff actor) whenever the cluster holds the workers and the embedding actors together.
@@ -29,6 +30,7 @@ from catdog.dataset import LabelledImages, list_labelled_images, split_train_val
 from catdog.errors import InputError, ModelLoadError
 from catdog.metrics import label_scores
 from catdog.run_folder import RunFolder
+from catdog.tracking import data_fingerprint, git_commit, library_versions, open_tracking
 from catdog.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class TrainResult:
 
     output: str
     metrics: dict
+    tracking: dict | None = None  # where the MLflow run went (catdog.tracking.TrainingTracker.log_run)
 
 
 def _refuse_node_local_storage(config: TrainConfig) -> None:
@@ -328,10 +331,11 @@ def train(config: TrainConfig) -> TrainResult:
         CatdogError: a bad setting, missing/empty data, or an output folder that already holds a run.
     """
     # ---- checks that need neither Ray nor TensorFlow --------------------------------------------
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     config.validate()
     run = RunFolder(config.output)
     clear_output = run.refuse_existing(config.overwrite)
+    tracker = open_tracking(config.tracking_uri, config.mlflow_experiment, config.register_as)
     train_images, val_images = _list_data(config)
     run_id = uuid.uuid4().hex[:12]
     timings = {"listing_s": time.perf_counter() - started}
@@ -444,4 +448,21 @@ def train(config: TrainConfig) -> TrainResult:
     run.write_run_files(train_images.class_names, run_config, metrics, history)
     logger.info("Run %s done in %.1f s: best epoch %d val_accuracy %.4f, temperature %.3f -> %s", run_id,
                 metrics["wall_time_s"], best["epoch"], best["val_accuracy"], temperature, config.output)
-    return TrainResult(config.output, metrics)
+    if tracker is None:
+        return TrainResult(config.output, metrics)
+    summary = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "best_val_accuracy": best["val_accuracy"],
+               "temperature": temperature, "wall_time_s": metrics["wall_time_s"]}
+    logged = tracker.log_run(run, run_id, _tracked_params(run_config, train_images, val_images), history, summary,
+                             started_at)
+    return TrainResult(config.output, metrics, logged)
+
+
+def _tracked_params(run_config: dict, train: LabelledImages, val: LabelledImages) -> dict:
+    """What MLflow records of a run: its config.json, the data listing's fingerprint, git, libraries."""
+    if run_config["val_data"] is None:  # the validation rows were split from --data
+        data = {"data_fingerprint": data_fingerprint(train.relative_paths + val.relative_paths, train.sizes + val.sizes)}
+    else:
+        data = {"data_fingerprint": data_fingerprint(train.relative_paths, train.sizes),
+                "val_data_fingerprint": data_fingerprint(val.relative_paths, val.sizes)}
+    return {**run_config, **data, "data_files": len(train) + len(val), "git_commit": git_commit(),
+            "versions": library_versions()}

@@ -6,6 +6,8 @@ PR AUC, log loss, ECE) and confusion.png, roc.png, reliability.png, confidence.p
 
     ray job submit --working-dir . -- python -m jobs.evaluate \\
         --model runs/my-run --data s3://bucket/labelled-holdout --output s3://bucket/eval/my-run
+
+`--model models:/catdog@champion` (with --mlflow-uri or MLFLOW_TRACKING_URI) evaluates a registered model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from catdog.cli import add_common_arguments, add_predictor_arguments, configure_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="training run folder (model.keras + classes.json)")
+    parser.add_argument("--model", required=True, help="training run folder (model.keras + classes.json), or an MLflow "
+                        "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/PATH")
+    parser.add_argument("--mlflow-uri", help="MLflow server of a models:/ or runs:/ --model (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--data", required=True, help="labelled folder: <class>/<image> (path or URI)")
     parser.add_argument("--output", required=True, help="evaluation folder (path or URI)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing evaluation folder")
@@ -34,10 +38,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def job() -> None:
         from catdog.evaluation import EvaluateConfig, evaluate
+        from catdog.tracking import resolve_model
 
+        model, model_uri = resolve_model(args.model, args.mlflow_uri)  # models:/, runs:/: a downloaded copy
         evaluate(EvaluateConfig(
-            model=args.model, data=args.data, output=args.output, overwrite=args.overwrite, bins=args.bins,
-            mistakes=args.mistakes, batch_size=args.batch_size, num_workers=args.num_workers,
+            model=model, model_uri=model_uri, data=args.data, output=args.output, overwrite=args.overwrite,
+            bins=args.bins, mistakes=args.mistakes, batch_size=args.batch_size, num_workers=args.num_workers,
             precision=args.precision, use_gpu=args.use_gpu, ray_address=args.ray_address,
         ))
 

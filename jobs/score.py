@@ -27,7 +27,9 @@ from catdog.score_config import DEFAULT_WAIT_FOR_WORKERS_S
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="training run folder (model.keras + classes.json) or a .keras file")
+    parser.add_argument("--model", required=True, help="training run folder (model.keras + classes.json), a .keras "
+                        "file, or an MLflow models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/PATH")
+    parser.add_argument("--mlflow-uri", help="MLflow server of a models:/ or runs:/ --model (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--input", required=True,
                         help="folder or URI searched recursively for images, or a .parquet/.csv manifest with a 'path' column")
     parser.add_argument("--output", required=True, help="predictions folder (path or URI)")
@@ -64,11 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     def job() -> None:
         from catdog.score_config import ScoreConfig
         from catdog.scoring import score
+        from catdog.tracking import resolve_model
 
+        model, model_uri = resolve_model(args.model, args.mlflow_uri)  # models:/, runs:/: a downloaded copy
         optional = {name: getattr(args, name) for name in ("max_image_pixels", "max_file_bytes", "rows_per_file")
                     if getattr(args, name) is not None}
         summary = score(ScoreConfig(
-            model=args.model, input=args.input, output=args.output, precision=args.precision,
+            model=model, model_uri=model_uri, input=args.input, output=args.output, precision=args.precision,
             use_gpu=args.use_gpu, gpus_per_worker=args.gpus_per_worker, num_workers=args.num_workers,
             min_workers=args.min_workers, max_workers=args.max_workers, batch_size=args.batch_size,
             overwrite=args.overwrite, resume=args.resume, drop_unlisted=args.drop_unlisted,

@@ -14,7 +14,10 @@ On a laptop (a local Ray starts by itself):
     python -m jobs.train --data data/train --output runs/r1 --weights none
 
 `--data` holds one subfolder per class. The run folder gets model.keras, classes.json,
-config.json, metrics.json, history.csv and curves.png. Exit code 2 on a user mistake.
+config.json, metrics.json, history.csv, curves.png and tensorboard/. Exit code 2 on a user mistake.
+
+With MLflow (pip install 'catdog[mlflow]'): --mlflow-uri http://mlflow:5000 --register-as catdog logs
+the run (parameters, per-epoch metrics, the run folder) and registers it as a model version.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=defaults.max_failures, help="worker-group restarts from the latest checkpoint; -1 = unlimited (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace the run files of an existing --output")
     p.add_argument(SHARED_STORAGE_FLAG, action="store_true", help=SHARED_STORAGE_HELP)
+    p.add_argument("--mlflow-uri", help="log the run to this MLflow tracking server (default: MLFLOW_TRACKING_URI; "
+                                        "needs pip install 'catdog[mlflow]')")
+    p.add_argument("--mlflow-experiment", help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else catdog)")
+    p.add_argument("--register-as", metavar="NAME", help="register the run folder as a new version of this MLflow model")
     add_common_arguments(p)
     return p
 
