@@ -42,6 +42,7 @@ HISTORY_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_time_s
 LIBRARIES = ("catdog", "ray", "tensorflow", "keras", "numpy", "pyarrow", "mlflow-skinny")
 MAX_PARAM_LENGTH = 6000  # MLflow refuses longer parameter values
 BATCH_PARAMS = 100  # MLflow's limit of parameters and tags per log_batch request
+CONNECT_TIMEOUT_S = 15  # the pre-flight request to an http(s) tracking server
 _MODEL_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)(@(?P<alias>[^/@]+)|/(?P<version>[0-9]+))/?$")
 
 
@@ -81,11 +82,14 @@ def resolve_model(location: str, tracking_uri: str | None = None) -> tuple[str, 
     """
     if not is_model_uri(location):
         return location, None
+    if location.startswith("models:/") and not _MODEL_VERSION.match(location):
+        raise ModelLoadError(f"--model {location}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         raise ModelLoadError(f"--model {location} needs an MLflow server: pass --mlflow-uri or set MLFLOW_TRACKING_URI")
     try:
         mlflow = _mlflow()
+        _refuse_unreachable(tracking_uri)
     except TrackingError as exc:
         raise ModelLoadError(f"--model {location}: {exc}") from exc
     from mlflow.exceptions import MlflowException
@@ -105,17 +109,12 @@ def resolve_model(location: str, tracking_uri: str | None = None) -> tuple[str, 
 def _artifact_source(client, location: str) -> tuple[str, str]:
     """(The model URI to record, the artifact URI to download) of a `--model` URI.
 
-    `models:/` is resolved here, through `client`: MLflow 3.17's own models:/ download asks the
-    process-wide registry URI, not the one it is given.
-
-    Raises:
-        ModelLoadError: a models:/ URI that names neither an alias nor a version number.
+    `models:/` (checked by `resolve_model`) is resolved here, through `client`: MLflow 3.17's own
+    models:/ download asks the process-wide registry URI, not the one it is given.
     """
     if location.startswith("runs:/"):
         return location, location
     match = _MODEL_VERSION.match(location)
-    if not match:
-        raise ModelLoadError(f"--model {location}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     name, version = match["name"], match["version"]
     if match["alias"]:
         version = client.get_model_version_by_alias(name, match["alias"]).version
@@ -241,6 +240,7 @@ def open_tracking(tracking_uri: str | None, experiment: str | None, register_as:
     _mlflow()
     from mlflow.exceptions import MlflowException
 
+    _refuse_unreachable(tracking_uri)
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     try:
         client = _client(tracking_uri)
@@ -249,3 +249,20 @@ def open_tracking(tracking_uri: str | None, experiment: str | None, register_as:
     except MlflowException as exc:
         raise TrackingError(f"could not use MLflow experiment {name!r} at {tracking_uri}: {exc}") from exc
     return TrainingTracker(tracking_uri, experiment_id, register_as)
+
+
+def _refuse_unreachable(tracking_uri: str) -> None:
+    """TrackingError at once when an http(s) server does not answer: MLflow's client retries a
+    refused connection for about 4 minutes (measured) before it gives up. Any answer, an error
+    status included (an authenticating proxy), counts as reachable."""
+    import urllib.error
+    import urllib.request
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=CONNECT_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingError(f"no MLflow server answers at {tracking_uri}: {getattr(exc, 'reason', exc)}") from exc

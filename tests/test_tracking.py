@@ -66,6 +66,8 @@ def test_mlflow_mistakes_exit_2_before_ray_starts(tmp_path, sample_images):
                                                  str(tmp_path / "run"), "--register-as", "catdog"],
         "needs an MLflow server": ["jobs.score", "--model", "models:/catdog@champion", "--input", str(sample_images),
                                    "--output", str(tmp_path / "preds")],
+        "no MLflow server answers": ["jobs.train", "--data", str(sample_images), "--output", str(tmp_path / "run"),
+                                     "--mlflow-uri", f"http://127.0.0.1:{_free_port()}"],  # nobody listens there
     }
     procs = {expected: subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
