@@ -96,10 +96,25 @@ def prob_column(class_name: str) -> str:
     return f"{PROB_PREFIX}{class_name}"
 
 
-def predictions_schema(class_names: Sequence[str], with_true_label: bool = False) -> pa.Schema:
-    """The pyarrow schema of a predictions file for a model with these classes."""
+TOP_K_LABELS, TOP_K_PROBS, EMBEDDING = "top_k_labels", "top_k_probs", "embedding"
+
+
+def predictions_schema(class_names: Sequence[str], with_true_label: bool = False, top_k: int = 0,
+                       embedding_width: int = 0) -> pa.Schema:
+    """The pyarrow schema of a predictions file for a model with these classes.
+
+    `top_k` > 0 adds `top_k_labels` / `top_k_probs` (fixed-size lists, best first);
+    `embedding_width` > 0 adds `embedding`, the pooled backbone features (fixed-size float32 list).
+    Both are null for rows that could not be scored.
+    """
     probs = [pa.field(prob_column(name), pa.float32()) for name in class_names]
-    extra = [TRUE_LABEL_FIELD] if with_true_label else []
+    extra = []
+    if top_k:
+        extra += [pa.field(TOP_K_LABELS, pa.list_(pa.string(), top_k)), pa.field(TOP_K_PROBS, pa.list_(pa.float32(), top_k))]
+    if embedding_width:
+        extra.append(pa.field(EMBEDDING, pa.list_(pa.float32(), embedding_width)))
+    if with_true_label:
+        extra.append(TRUE_LABEL_FIELD)
     return pa.schema(LEADING_FIELDS + probs + TRAILING_FIELDS + extra)
 
 
@@ -423,8 +438,9 @@ class PredictionsFolder:
         if not storage.exists(marker):
             return
         previous = storage.read_json(marker)
-        for key in ("model_id", "class_names", "partition_by", "with_true_label"):
-            if previous.get(key) != run_info.get(key):
+        optional_columns = {"top_k": 0, "embedding_width": 0}  # absent from outputs written before they existed
+        for key in ("model_id", "class_names", "partition_by", "with_true_label", *optional_columns):
+            if previous.get(key, optional_columns.get(key)) != run_info.get(key, optional_columns.get(key)):
                 raise CatdogError(
                     f"cannot resume {self.location}: it was written with {key}={previous.get(key)!r}, this run has "
                     f"{run_info.get(key)!r}; use --overwrite or a new output folder"

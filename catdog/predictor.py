@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from catdog.errors import ImageDecodeError, InputError, ModelLoadError
-from catdog.predictions_folder import error_kinds, predictions_schema, prob_column
+from catdog.predictions_folder import EMBEDDING, TOP_K_LABELS, TOP_K_PROBS, error_kinds, predictions_schema, prob_column
 from catdog.run_folder import ModelInfo, RunFolder
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Predictor:
     """
 
     def __init__(self, info: ModelInfo, precision: str = "float32", use_gpu: bool = False,
-                 with_true_label: bool = False, progress=None):
+                 with_true_label: bool = False, progress=None, top_k: int = 0, embeddings: bool = False):
         started = time.monotonic()
         self._progress = progress  # a catdog.progress.ProgressCounter actor, told of every batch
         self._metrics = None
@@ -76,7 +76,10 @@ class Predictor:
 
         self._info = info
         self._class_names = np.array(info.class_names, dtype=object)
-        self._schema = predictions_schema(info.class_names, with_true_label=with_true_label)
+        self._top_k = top_k
+        self._embedding_width = info.feature_width if embeddings else 0
+        self._schema = predictions_schema(info.class_names, with_true_label=with_true_label, top_k=top_k,
+                                          embedding_width=self._embedding_width or 0)
         self._model = load_inference_model(info.location, precision)
         if self._model.output_shape[-1] != len(info.class_names) or self._model.input_shape[1] != info.image_size:
             raise ModelLoadError(f"{info.location}: model shapes {self._model.input_shape} -> "
@@ -84,6 +87,7 @@ class Predictor:
         size = info.image_size
         # One trace for every batch length (the last batch, batches with failed rows).
         self._forward = tf.function(
+            self._pooled_and_probabilities(tf) if embeddings else
             lambda pixels: self._model(tf.cast(pixels, tf.float32), training=False),
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],
             reduce_retracing=True,
@@ -99,9 +103,22 @@ class Predictor:
                     time.monotonic() - started, info.model_id, precision, self.concurrent_batches,
                     tf.config.threading.get_intra_op_parallelism_threads() or "all cores")
 
+    def _pooled_and_probabilities(self, tf):
+        """The model as its two halves: probabilities, and the backbone features averaged over space."""
+        head = self._model.get_layer("head")
+        extractor = next(layer for layer in self._model.layers if hasattr(layer, "layers") and layer is not head)
+
+        def forward(pixels):
+            features = extractor(tf.cast(pixels, tf.float32), training=False)
+            pooled = features if len(features.shape) == 2 else tf.reduce_mean(features, axis=[1, 2])
+            return head(features, training=False), tf.cast(pooled, tf.float32)
+
+        return forward
+
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities [n, classes] float32 for uint8 pixels [n, size, size, 3]."""
-        return np.asarray(self._forward(pixels), dtype=np.float32)
+        out = self._forward(pixels)
+        return np.asarray(out[0] if isinstance(out, tuple) else out, dtype=np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         started = time.monotonic()
@@ -109,9 +126,13 @@ class Predictor:
         ok = np.array([e is None for e in errors], dtype=bool)
         n = len(errors)
         probs = np.zeros((n, len(self._class_names)), dtype=np.float32)
+        pooled = np.zeros((n, self._embedding_width), dtype=np.float32) if self._embedding_width else None
         if ok.any():
-            probs[ok] = self.predict(np.ascontiguousarray(batch["image"][ok]))
-        rows = self._rows(batch, probs, ok)
+            out = self._forward(np.ascontiguousarray(batch["image"][ok]))
+            if pooled is not None:
+                out, pooled[ok] = out[0], np.asarray(out[1], dtype=np.float32)
+            probs[ok] = np.asarray(out, dtype=np.float32)
+        rows = self._rows(batch, probs, ok, pooled)
         kinds = error_kinds(errors)
         if self._progress is not None:
             self._progress.add.remote(n, kinds)
@@ -119,7 +140,8 @@ class Predictor:
             self._metrics.record(n, kinds, started, time.monotonic())
         return rows
 
-    def _rows(self, batch: dict[str, np.ndarray], probs: np.ndarray, ok: np.ndarray) -> pa.Table:
+    def _rows(self, batch: dict[str, np.ndarray], probs: np.ndarray, ok: np.ndarray,
+              pooled: np.ndarray | None = None) -> pa.Table:
         failed = ~ok
         best = probs.argmax(axis=1)
         columns = {
@@ -140,9 +162,22 @@ class Predictor:
             # The pipeline carries these as int64 with -1 for unknown (numpy batches hold no nulls).
             known = batch.get(name, np.full(n, -1, dtype=np.int64))
             columns[name] = pa.array(known, pa.int64(), mask=known < 0).cast(kind)
+        if self._top_k:
+            best_first = np.argsort(-probs, axis=1, kind="stable")[:, :self._top_k]
+            labels = self._class_names[best_first].ravel()
+            top = np.take_along_axis(probs, best_first, axis=1).ravel()
+            columns[TOP_K_LABELS] = _fixed_lists(pa.array(labels, pa.string()), self._top_k, failed)
+            columns[TOP_K_PROBS] = _fixed_lists(pa.array(top, pa.float32()), self._top_k, failed)
+        if pooled is not None:
+            columns[EMBEDDING] = _fixed_lists(pa.array(pooled.ravel(), pa.float32()), pooled.shape[1], failed)
         if "true_label" in self._schema.names:
             columns["true_label"] = pa.array(batch["true_label"], pa.string())
         return pa.Table.from_pydict(columns, schema=self._schema)
+
+
+def _fixed_lists(values: pa.Array, size: int, missing: np.ndarray) -> pa.Array:
+    """Rows of `size` values each, null where `missing`."""
+    return pa.FixedSizeListArray.from_arrays(values, size, mask=pa.array(missing, pa.bool_()))
 
 
 def predict_image(model: str, image: str, precision: str = "float32",

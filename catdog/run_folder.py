@@ -56,6 +56,7 @@ class ModelInfo:
     image_size: int
     class_names: tuple[str, ...]
     model_id: str
+    feature_width: int | None = None  # channels of the backbone features the head takes (the embedding size)
 
 
 class RunFolder:
@@ -137,7 +138,8 @@ class RunFolder:
         if unsafe:
             raise ModelLoadError(f"could not load model {path}: it contains {', '.join(unsafe)} layers "
                                  "(Lambda layers are refused: catdog loads models in Keras safe mode)")
-        info = ModelInfo(self.location, _input_size(config, path), class_names, artifact_id(data))
+        info = ModelInfo(self.location, _input_size(config, path), class_names, artifact_id(data),
+                         _feature_width(config))
         logger.info("Model %s: id %s, %dx%d px, classes %s", self.location, info.model_id, info.image_size,
                     info.image_size, list(class_names))
         return info
@@ -312,6 +314,16 @@ def _input_size(config: dict, path: str) -> int:
     if height != width or height is None or channels != 3:
         raise ModelLoadError(f"expected a model on square RGB images in {path}, got input shape {shapes[0]}")
     return int(height)
+
+
+def _feature_width(config: dict) -> int | None:
+    """Channels of the features the `head` sub-model takes (pooled vector or map); None if unknown."""
+    for layer in config.get("config", {}).get("layers", []):
+        if layer.get("config", {}).get("name") == "head":
+            inputs = [inner.get("config", {}).get("batch_shape") for inner in layer["config"].get("layers", [])
+                      if inner.get("class_name") == "InputLayer"]
+            return int(inputs[0][-1]) if len(inputs) == 1 and inputs[0] and inputs[0][-1] else None
+    return None
 
 
 def _history_csv(history: Sequence[dict]) -> str:

@@ -45,6 +45,8 @@ class ScoreConfig:
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     drop_unlisted: bool = False  # --resume: remove rows of paths the input no longer lists
     follow_symlinks: bool = False
+    top_k: int = 0  # > 0: top_k_labels / top_k_probs columns, the K best classes
+    embeddings: bool = False  # an `embedding` column: the pooled backbone features
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     ray_address: str | None = None
     progress_interval_s: float = 10.0  # seconds between progress log lines
@@ -82,10 +84,25 @@ class ScoreConfig:
             raise CatdogError("--max-file-bytes must be >= 1")
         if self.drop_unlisted and not self.resume:
             raise CatdogError("--drop-unlisted goes with --resume")
+        if self.top_k < 0:
+            raise CatdogError(f"--top-k must be >= 1, got {self.top_k}")
         if self.rows_per_file < 1:
             raise CatdogError("--rows-per-file must be >= 1")
         if self.wait_for_workers_s < 0:
             raise CatdogError("--wait-for-workers must be >= 0 seconds")
+
+    def output_columns(self, info) -> dict:
+        """The optional columns this run adds, as `predictions_schema` keywords, checked against the model.
+
+        Raises:
+            CatdogError: --top-k above the model's class count, or --embeddings for a model whose
+                feature width its archive does not tell.
+        """
+        if self.top_k > len(info.class_names):
+            raise CatdogError(f"--top-k {self.top_k} exceeds the model's {len(info.class_names)} classes")
+        if self.embeddings and not info.feature_width:
+            raise CatdogError(f"--embeddings: cannot tell the feature width of {info.location}")
+        return {"top_k": self.top_k, "embedding_width": info.feature_width if self.embeddings else 0}
 
     @property
     def effective_batch_size(self) -> int:

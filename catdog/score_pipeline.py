@@ -218,7 +218,7 @@ def run_pipeline(source, total: int, with_true_label: bool, config: ScoreConfig,
     from catdog.predictor import Predictor
 
     batch_size = config.effective_batch_size
-    schema = predictions_schema(info.class_names, with_true_label=with_true_label)
+    schema = predictions_schema(info.class_names, with_true_label=with_true_label, **config.output_columns(info))
     predictor_resources = {"num_cpus": PREDICTOR_CPUS}
     if config.use_gpu:
         predictor_resources["num_gpus"] = config.gpus_per_worker
@@ -240,7 +240,8 @@ def run_pipeline(source, total: int, with_true_label: bool, config: ScoreConfig,
         ds = ds.map_batches(
             Predictor,
             fn_constructor_kwargs={"info": info, "precision": config.precision, "use_gpu": config.use_gpu,
-                                   "with_true_label": with_true_label, "progress": counter},
+                                   "with_true_label": with_true_label, "progress": counter,
+                                   "top_k": config.top_k, "embeddings": config.embeddings},
             compute=pool,
             batch_size=batch_size,
             batch_format="numpy",

@@ -97,12 +97,14 @@ def _score_source(config: ScoreConfig, source: inputs.InputSource, started: floa
     run_id = new_run_id()
     info = describe_model(config.model)
     _check_cluster(config, source)
-    schema = predictions_schema(info.class_names, with_true_label=source.has_true_label)
+    columns = config.output_columns(info)
+    schema = predictions_schema(info.class_names, with_true_label=source.has_true_label, **columns)
     run_info = {
         "run_id": run_id, "started_at": now_iso(), "model": config.model, "model_id": info.model_id,
         "model_uri": config.model_uri,
         "class_names": list(info.class_names), "partition_by": config.partition_by,
         "with_true_label": source.has_true_label, "input": config.input, "catdog_version": catdog.__version__,
+        **columns,
     }
     state = folder.prepare(overwrite=config.overwrite, resume=config.resume, run_info=run_info, schema=schema)
     folder.clear_listing()

@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(SHARED_STORAGE_FLAG, action="store_true", help=SHARED_STORAGE_HELP)
     parser.add_argument("--rows-per-file", type=int, default=None, help="rows per output file, at least (default 20000)")
     parser.add_argument("--partition-by", choices=("label",), default=None, help="write hive folders label=<class>/")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="add top_k_labels / top_k_probs: the K best classes and their probabilities")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="add an 'embedding' column: the pooled backbone features (float32 list), for search")
     parser.add_argument("--max-image-pixels", type=int, default=None,
                         help="refuse images with more pixels than this (decompression bombs; default 100,000,000)")
     parser.add_argument("--max-file-bytes", type=int, default=None,
@@ -54,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--overwrite", action="store_true", help="delete catdog's files in --output first (others are kept)")
     group.add_argument("--resume", action="store_true",
                        help="score only the files --output does not hold yet, and files changed since their row")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check input, model and output, time a short warm-up and print the plan; write nothing")
     parser.add_argument("--drop-unlisted", action="store_true",
                         help="with --resume: remove rows of paths the input no longer lists (default: keep and report)")
     add_common_arguments(parser)
@@ -71,13 +77,17 @@ def main(argv: list[str] | None = None) -> None:
         model, model_uri = resolve_model(args.model, args.mlflow_uri)  # models:/, runs:/: a downloaded copy
         optional = {name: getattr(args, name) for name in ("max_image_pixels", "max_file_bytes", "rows_per_file")
                     if getattr(args, name) is not None}
-        summary = score(ScoreConfig(
+        run = score
+        if args.dry_run:
+            from catdog.dry_run import plan_score as run
+        summary = run(ScoreConfig(
             model=model, model_uri=model_uri, input=args.input, output=args.output, precision=args.precision,
             use_gpu=args.use_gpu, gpus_per_worker=args.gpus_per_worker, num_workers=args.num_workers,
             min_workers=args.min_workers, max_workers=args.max_workers, batch_size=args.batch_size,
             overwrite=args.overwrite, resume=args.resume, drop_unlisted=args.drop_unlisted,
             partition_by=args.partition_by, follow_symlinks=args.follow_symlinks, ray_address=args.ray_address,
-            assume_shared_storage=args.assume_shared_storage, wait_for_workers_s=args.wait_for_workers, **optional,
+            assume_shared_storage=args.assume_shared_storage, wait_for_workers_s=args.wait_for_workers,
+            top_k=args.top_k, embeddings=args.embeddings, **optional,
         ))
         print(json.dumps(summary, indent=2, sort_keys=True, default=str))
 
