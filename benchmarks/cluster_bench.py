@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = ROOT.parent / "shared" / "data" / "catdog-dev"
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from multinode import MultiNodeCluster  # noqa: E402 - after the path set-up
+from benchmarks import score_bench  # noqa: E402 - after the path set-up
+from multinode import MultiNodeCluster  # noqa: E402
 
 PREDICTOR_CLASS = "MapWorker(MapBatches(Predictor))"
 TARGET_RATIO = 0.85
@@ -45,15 +45,7 @@ TARGET_RATIO = 0.85
 
 def make_input(folder: Path, n: int) -> Path:
     """N distinct files: hard links to the real photos, cycled, in cats/ and dogs/."""
-    photos = sorted(PHOTOS.rglob("*.jpg"))
-    if not photos:
-        raise SystemExit(f"no photos under {PHOTOS}")
-    for i in range(n):
-        source = photos[i % len(photos)]
-        target = folder / source.parent.name / f"{source.stem}.r{i // len(photos):03d}.jpg"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(source, target)
-    return folder
+    return score_bench.make_input(folder, n, link=os.link)
 
 
 def build_model(run: Path, image_size: int) -> Path:

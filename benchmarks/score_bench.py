@@ -183,8 +183,8 @@ def worker_tutorial(run: str, folder: str, out: str, batch_size: int) -> None:
 
 # ---- the driver ---------------------------------------------------------------------------
 
-def make_input(folder: Path, n: int) -> Path:
-    """N distinct paths (symlinks to the real photos, cycled) in cats/ and dogs/ subfolders."""
+def make_input(folder: Path, n: int, link=os.symlink) -> Path:
+    """N distinct paths (links to the real photos, cycled) in cats/ and dogs/ subfolders."""
     photos = sorted(PHOTOS.rglob("*.jpg"))
     if not photos:
         raise SystemExit(f"no photos under {PHOTOS}")
@@ -192,7 +192,7 @@ def make_input(folder: Path, n: int) -> Path:
         source = photos[i % len(photos)]
         target = folder / source.parent.name / f"{source.stem}.r{i // len(photos):03d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(source, target)
+        link(source, target)
     return folder
 
 
