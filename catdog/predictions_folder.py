@@ -321,6 +321,11 @@ class PredictionsFolder:
         """Keep one listing chunk; a retried chunk replaces its first write (the name is its index)."""
         self.write_chunk(LISTING_DIR, index, table)
 
+    def count_listed(self) -> int:
+        """Files in the kept listing, from its footers."""
+        return sum(pq.read_metadata(path, filesystem=self.fs).num_rows
+                   for path in self._own_chunks(LISTING_DIR, _LISTING_CHUNK))
+
     def iter_listing(self) -> Iterator[pa.Table]:
         """The listing this output was scored from, a chunk at a time."""
         for path in self._own_chunks(LISTING_DIR, _LISTING_CHUNK):

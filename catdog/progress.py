@@ -48,10 +48,12 @@ class ProgressCounter:
 
 
 def start_counter():
-    """A `ProgressCounter` actor on the cluster this driver joined."""
+    """A `ProgressCounter` actor on this driver's node: a worker node lost mid-run must not reset it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(ProgressCounter).options(max_restarts=-1).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(ProgressCounter).options(max_restarts=-1, scheduling_strategy=here).remote()
 
 
 def format_line(rows: int, total: int | None, elapsed_s: float, errors: dict[str, int],

@@ -163,9 +163,8 @@ def _stream(config, source, folder, info, run_id, schema, scratch) -> _Outcome:
         score_sources.ListingSource(source, config.output, rows, counter), inputs.CHUNK_ROWS,
         source.has_true_label, config, info, run_id, counter, total_known=False,
         read_args={"scheduling_strategy": here} if pinned else {})
-    listing = ray.get(counter.totals.remote())
-    return _Outcome(listed=listing["files_listed"] or 0, scored=listing["files_listed"] or 0,
-                    skipped=listing["skipped"], pool=pool)
+    listed = folder.count_listed()  # the kept listing is the record; the counter only reports progress
+    return _Outcome(listed=listed, scored=listed, skipped=ray.get(counter.totals.remote())["skipped"], pool=pool)
 
 
 def _plan_and_score(config, source, folder, info, run_id, schema, scratch) -> _Outcome:

@@ -170,7 +170,9 @@ def test_inference_model_folds_only_a_conv_that_feeds_its_batchnorm_alone():
     assert [layer.name for layer in _layers_of(fast, keras.layers.BatchNormalization)] == ["kept"]
     x = _pixels(n=2, size=8)
     for got, expected in zip(fast(x, training=False), model(x, training=False)):
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        # Folding reorders float32 products: errors scale with the largest activation (~1e2 here),
+        # so a near-zero output among large ones can move by a few 1e-5 (seen in CI).
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-6 * float(np.abs(expected).max()))
 
 
 def test_bfloat16_within_tolerance_and_softmax_float32(saved_run):
