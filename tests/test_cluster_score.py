@@ -208,6 +208,8 @@ def test_a_node_lost_mid_run_the_job_finishes_with_one_row_per_file(multinode, m
     assert summary["predictors_peak"] == 1
     pool = [int(line.split("Predictor pool: ")[1].split()[0]) for line in text.splitlines() if " alive (" in line]
     if stage == "predictor":  # the actor died with its node and Ray restarted it on another
+        while pool and pool[-1] == 0:
+            pool.pop()  # the watcher may see the pool shut down at the end of the run
         assert pool[-3:] == [1, 0, 1], pool
     print(f"{stage}: removed node {victim[:8]} ({seen[victim]} x {STAGES[stage]}) at {at:.1f} s, "
           f"GCS noticed after {noticed_after:.1f} s; job exit 0 after {wall:.1f} s, "
