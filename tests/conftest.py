@@ -1,8 +1,15 @@
-"""Shared fixtures: one local Ray cluster per test session, generated image folders, real photos."""
+"""Shared fixtures: one local Ray cluster per test session (which job subprocesses join), one S3
+server, one trained run and its feature cache, generated image folders, real photos."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import runpy
+import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +18,8 @@ from catdog.process_env import quiet_environment
 
 quiet_environment()
 
-REAL_PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "catdog-dev"
+REPO = Path(__file__).resolve().parents[1]
+REAL_PHOTOS = REPO.parent / "shared" / "data" / "catdog-dev"
 
 
 @pytest.fixture(scope="session")
@@ -26,15 +34,72 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """A local S3-compatible server (moto) on 127.0.0.1, one per test module."""
-    pytest.importorskip("moto.server")
-    from s3local import LocalS3
+@pytest.fixture(scope="session")
+def ray_job_env(ray_cluster) -> dict[str, str]:
+    """Environment for a job subprocess that joins the session's Ray through RAY_ADDRESS, as a
+    submitted job joins its cluster, instead of starting a Ray of its own.
 
-    server = LocalS3()
+    The session Ray listens on 127.0.0.1 only (catdog.ray_session); the job keeps to loopback too
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, without which a driver advertises the machine's external
+    address and never finds the raylet). The token is the one the session's start wrote to
+    ~/.ray/auth_token."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:"), address
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_ADDRESS=address, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONPATH=str(REPO))
+    return env
+
+
+# A line the session's Ray forwards from one of its processes: "(RayTrainWorker pid=123) ...", "(raylet) ..."
+_FORWARDED_BY_RAY = re.compile(r"(\x1b\[\d+m)?\((raylet|\S+ pid=\d+)")
+
+
+def job_lines(text: str) -> list[str]:
+    """The lines of captured output that the job in this process wrote (not those Ray forwards)."""
+    return [line for line in text.splitlines() if not _FORWARDED_BY_RAY.match(line)]
+
+
+def run_job_module(module: str, *argv: str) -> int:
+    """`python -m <module> <argv>` in this process (runpy runs it as `__main__`, as -m does), for
+    jobs that need no fresh interpreter (help, user mistakes, one prediction, an export): returns
+    the exit code; the output is in capsys.
+
+    The job's logging set-up (catdog.cli.configure_logging replaces the root handlers with one on
+    the captured stderr) is undone after, so later tests log as before."""
+    root = logging.getLogger()
+    handlers, levels = root.handlers[:], {name: logging.getLogger(name).level
+                                           for name in ["", *logging.root.manager.loggerDict]}
+    saved_argv = sys.argv
+    sys.argv = [module, *argv]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules": imported by a test before
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exit_info:
+        return 0 if exit_info.code is None else exit_info.code
+    finally:
+        sys.argv = saved_argv
+        root.handlers[:] = handlers
+        for name in ["", *logging.root.manager.loggerDict]:
+            logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
+    raise AssertionError(f"{module} returned without exiting")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto) on 127.0.0.1, one per test session."""
+    pytest.importorskip("moto.server")
+    from s3local import LocalS3Server
+
+    server = LocalS3Server()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    """A fresh bucket on the session's S3 server, one per test module."""
+    return s3_server.new_bucket()
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +152,51 @@ def multinode():
 
     with MultiNodeCluster(worker_nodes=3, cpus_per_node=1) as cluster:
         yield cluster
+
+
+# ---- the session's trained run and its feature cache --------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    """The session's feature cache: `trained_run` fills it; runs on `training_data` reuse it."""
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+@pytest.fixture(scope="session")
+def training_data(sample_images, tmp_path_factory) -> Path:
+    """The 80 generated images plus two unreadable ones: a text file and a truncated JPEG. One dog
+    is a cat photo: a mistake in the calibration fit half of `trained_run` (seed 123,
+    validation 0.4), so its temperature has something to fit (a fit half without mistakes is
+    left at T = 1)."""
+    from catdog.calibration import fit_half
+    from catdog.dataset import split_fraction
+
+    root = tmp_path_factory.mktemp("data") / "images"
+    shutil.copytree(sample_images, root)
+    mislabelled = next(name for name in sorted(os.listdir(root / "dogs")) if name.endswith(".jpg")
+                       and split_fraction(f"dogs/{name}", 123) < 0.4 and fit_half([f"dogs/{name}"], 123)[0])
+    (root / "dogs" / mislabelled).write_bytes((root / "cats" / mislabelled.replace("dogs", "cats")).read_bytes())
+    (root / "cats" / "notes.jpg").write_text("not an image")
+    jpeg = (sample_images / "dogs" / "dogs_0001.jpg").read_bytes()
+    (root / "dogs" / "nested").mkdir()
+    (root / "dogs" / "nested" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_cluster, training_data, feature_cache, tmp_path_factory):
+    """The session's one trained run: 2 workers, cached features, random-init backbone, 32 px.
+
+    Returns (TrainConfig, run folder, TrainResult). A validation fraction of 0.4 gives 37 readable
+    validation images, enough for both calibration halves (catdog.calibration.MIN_ROWS_PER_HALF);
+    the default 0.2 gives 19. It computes every embedding of `training_data` into `feature_cache`
+    (tests/test_train.py checks that): use it before any other run on that data with that cache."""
+    from catdog.train_config import TrainConfig
+    from catdog.training import train
+
+    output = tmp_path_factory.mktemp("runs") / "two-workers"
+    config = TrainConfig(data=str(training_data), output=str(output), weights="none", image_size=32, epochs=6,
+                         patience=3, num_workers=2, cache_dir=str(feature_cache), keep_checkpoints=2, seed=123,
+                         val_fraction=0.4)
+    return config, output, train(config)

@@ -11,8 +11,8 @@ import uuid
 from pathlib import Path
 
 
-class LocalS3:
-    """One server and one fresh bucket (moto keeps its state per process, shared by all servers)."""
+class LocalS3Server:
+    """One moto server for the whole test session (moto keeps its state per process, shared by all servers)."""
 
     def __init__(self):
         from moto.server import ThreadedMotoServer
@@ -23,6 +23,19 @@ class LocalS3:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self._server.start()
         self.endpoint = f"http://127.0.0.1:{port}"
+
+    def new_bucket(self) -> LocalS3:
+        return LocalS3(self.endpoint)
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+class LocalS3:
+    """One fresh bucket on a running server, and the variables a job needs to reach it."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
         self.credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
         self.settings = {  # non-secret: what a job's --runtime-env-json may carry
             "AWS_ENDPOINT_URL": self.endpoint,
@@ -55,10 +68,6 @@ class LocalS3:
             self.client.upload_file(str(path), self.bucket, key)
             keys.append(key)
         return keys
-
-    def stop(self) -> None:
-        self._server.stop()
-
 
 def weights_file(folder: Path) -> Path:
     """A ResNet50 no-top weights file as the README has users prepare for clusters without

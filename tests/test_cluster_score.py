@@ -210,7 +210,8 @@ def test_a_node_lost_mid_run_the_job_finishes_with_one_row_per_file(multinode, m
     if stage == "predictor":  # the actor died with its node and Ray restarted it on another
         while pool and pool[-1] == 0:
             pool.pop()  # the watcher may see the pool shut down at the end of the run
-        assert pool[-3:] == [1, 0, 1], pool
+        # the first poll may come after the node is gone: [0, 1] or [1, 0, 1]
+        assert pool[-2:] == [0, 1], pool
     print(f"{stage}: removed node {victim[:8]} ({seen[victim]} x {STAGES[stage]}) at {at:.1f} s, "
           f"GCS noticed after {noticed_after:.1f} s; job exit 0 after {wall:.1f} s, "
           f"{summary['rows_written']} rows in {len(summary['output_files'])} part files")

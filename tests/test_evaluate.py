@@ -203,14 +203,20 @@ def hand_set_runs(tmp_path_factory, sample_images):
     return runs
 
 
+@pytest.fixture(scope="module")
+def perfect_evaluation(ray_cluster, hand_set_runs, sample_images, tmp_path_factory):
+    """The perfect model evaluated on the sample images: the output folder and the returned metrics."""
+    out = tmp_path_factory.mktemp("eval-perfect") / "eval"
+    return out, E.evaluate(E.EvaluateConfig(str(hand_set_runs["perfect"]), str(sample_images), str(out)))
+
+
 @pytest.mark.slow
-def test_evaluate_perfect_model_end_to_end(ray_cluster, hand_set_runs, sample_images, tmp_path):
+def test_evaluate_perfect_model_end_to_end(perfect_evaluation):
     import pyarrow.parquet as pq
 
     from catdog.report import ReportConfig, summarise
 
-    out = tmp_path / "eval"
-    result = E.evaluate(E.EvaluateConfig(str(hand_set_runs["perfect"]), str(sample_images), str(out)))
+    out, result = perfect_evaluation
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["rows"] == saved["images"] == 80 and saved["unscored"] == 0
     assert saved["accuracy"] == 1.0
@@ -232,16 +238,23 @@ def test_evaluate_perfect_model_end_to_end(ray_cluster, hand_set_runs, sample_im
 
 
 @pytest.mark.slow
-def test_evaluate_inverted_model_end_to_end(ray_cluster, hand_set_runs, sample_images, tmp_path):
+def test_evaluate_inverted_model_end_to_end(ray_cluster, hand_set_runs, perfect_evaluation, sample_images, tmp_path):
+    """The inverted model, evaluated over a copy of the perfect model's evaluation: refused without
+    --overwrite, then every file replaced with it."""
+    import shutil
+
     out = tmp_path / "eval"
+    shutil.copytree(perfect_evaluation[0], out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
     config = E.EvaluateConfig(str(hand_set_runs["inverted"]), str(sample_images), str(out), mistakes=20)
-    result = E.evaluate(config)
-    assert result["accuracy"] == 0.0
+    with pytest.raises(OutputExistsError):
+        E.evaluate(config)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    result = E.evaluate(E.EvaluateConfig(str(hand_set_runs["inverted"]), str(sample_images), str(out), mistakes=20,
+                                         overwrite=True))
+    assert result["accuracy"] == 0.0 and result["rows"] == 80
     assert result["roc_auc"] == 0.0
     assert result["confusion_matrix"] == [[0, 40], [40, 0]]
     assert result["calibration"]["ece"] > 0.9  # sure of every wrong answer
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == 0.0
     assert_png(out / "mistakes.png", min_side=400)  # 20 tiles: 4 rows of 5
-    with pytest.raises(OutputExistsError):
-        E.evaluate(config)
-    rerun = E.evaluate(E.EvaluateConfig(str(hand_set_runs["perfect"]), str(sample_images), str(out), overwrite=True))
-    assert rerun["accuracy"] == 1.0 and rerun["rows"] == 80

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_job_module
+
 IMAGE_SIZE = 32  # tiny_model_run's
 # Both signatures get catdog's pixels for the real photos (the in-graph decoder is exact on them), so
 # what is left is float rounding that depends on the batch: 1.1e-6 between batches of 1 and 100,
@@ -39,40 +40,39 @@ print(json.dumps({name: {"inputs": sorted(f.structured_input_signature[1]), "out
 """
 
 
-def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def test_help(capsys):
+    code = run_job_module("jobs.export", "--help")
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "jobs.export" in out and "--overwrite" in out
 
 
-def test_help():
-    result = _run("jobs.export", "--help", timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "jobs.export" in result.stdout and "--overwrite" in result.stdout
-
-
-def test_refuses_an_existing_output_and_a_missing_model(tiny_model_run, tmp_path):
+def test_refuses_an_existing_output_and_a_missing_model(tiny_model_run, tmp_path, capsys):
     output = tmp_path / "serving" / "1"
     output.mkdir(parents=True)
     (output / "notes.txt").write_text("keep me")
-    refused = _run("jobs.export", "--model", str(tiny_model_run), "--output", str(output), timeout=120)
-    assert refused.returncode == 2, refused.stderr
-    assert "--overwrite" in refused.stderr
+    code = run_job_module("jobs.export", "--model", str(tiny_model_run), "--output", str(output))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--overwrite" in err
     assert [p.name for p in output.iterdir()] == ["notes.txt"]
 
-    missing = _run("jobs.export", "--model", str(tmp_path / "no-run"), "--output", str(tmp_path / "out"), timeout=120)
-    assert missing.returncode == 2, missing.stderr
-    assert "no-run" in missing.stderr and not (tmp_path / "out").exists()
+    code = run_job_module("jobs.export", "--model", str(tmp_path / "no-run"), "--output", str(tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "no-run" in err and not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_model_run, tmp_path_factory) -> Path:
-    """The test model exported with --overwrite over a folder holding a stale SavedModel and a user's file."""
+    """The test model exported with --overwrite over a folder holding a stale SavedModel and a user's file
+    (the job run as `__main__` in this process; the SavedModel is loaded in a fresh one below)."""
     output = tmp_path_factory.mktemp("serving") / "catdog" / "1"
     (output / "variables").mkdir(parents=True)
     (output / "variables" / "variables.index").write_bytes(b"stale")
     (output / "saved_model.pb").write_bytes(b"stale")
     (output / "notes.txt").write_text("keep me")
-    done = _run("jobs.export", "--model", str(tiny_model_run), "--output", str(output), "--overwrite")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert run_job_module("jobs.export", "--model", str(tiny_model_run), "--output", str(output), "--overwrite") == 0
     return output
 
 
@@ -156,20 +156,27 @@ def test_saved_model_in_a_fresh_process_scores_like_catdog(exported, tiny_model_
 
     photos = sorted(str(path) for path in real_photos.glob("*/*.jpg"))
     pixels = np.stack([imaging.decode_image(Path(photo).read_bytes(), IMAGE_SIZE)[0] for photo in photos])
-    model, info = load_checked(str(tiny_model_run))  # what predict_image runs, loaded once
-    catdog = np.concatenate([np.asarray(model(pixels[i:i + 100].astype(np.float32), training=False))
-                             for i in range(0, len(photos), 100)])
-    for k in (0, len(photos) - 1):  # jobs.predict's function, one image at a time (batch sizes round apart)
-        predicted = predict_image(str(tiny_model_run), photos[k])["probabilities"]
-        np.testing.assert_allclose([predicted[name] for name in info.class_names], catdog[k], atol=TOLERANCE)
-
     (tmp_path / "paths.json").write_text(json.dumps(photos))
     np.save(tmp_path / "pixels.npy", pixels)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run(
+    # The fresh process starts now and loads TensorFlow while catdog's own answers are computed here.
+    foreign = subprocess.Popen(
         [sys.executable, "-I", "-c", FOREIGN_LOAD, str(exported), "paths.json", "pixels.npy", "out.npz"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    try:
+        model, info = load_checked(str(tiny_model_run))  # what predict_image runs, loaded once
+        catdog = np.concatenate([np.asarray(model(pixels[i:i + 100].astype(np.float32), training=False))
+                                 for i in range(0, len(photos), 100)])
+        for k in (0, len(photos) - 1):  # jobs.predict's function, one image at a time (batch sizes round apart)
+            predicted = predict_image(str(tiny_model_run), photos[k])["probabilities"]
+            np.testing.assert_allclose([predicted[name] for name in info.class_names], catdog[k], atol=TOLERANCE)
+        stdout, stderr = foreign.communicate(timeout=300)
+    finally:
+        if foreign.poll() is None:
+            foreign.kill()
+            foreign.wait()
+    done = subprocess.CompletedProcess(foreign.args, foreign.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-3000:]
     signatures = json.loads(done.stdout.strip().splitlines()[-1])
     outputs = ["classes", "label", "probabilities"]

@@ -1,4 +1,5 @@
-"""Every job entrypoint: --help works, and the README's demo command runs end to end."""
+"""Every job entrypoint: --help works (run as `__main__` in this process), and the README's demo
+command runs end to end (a subprocess joined to the session's Ray)."""
 
 from __future__ import annotations
 
@@ -9,31 +10,30 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_job_module
+
 REPO = Path(__file__).resolve().parents[1]
 JOBS = ["train", "score", "predict", "evaluate", "report", "demo", "export"]
 
 
-def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.parametrize("job", JOBS)
-def test_help(job):
-    result = _run(f"jobs.{job}", "--help", timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert f"jobs.{job}" in result.stdout and "--" in result.stdout
+def test_help(job, capsys):
+    code = run_job_module(f"jobs.{job}", "--help")
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"jobs.{job}" in out and "--" in out
 
 
-def test_demo_refuses_existing_workdir(tmp_path):
+def test_demo_refuses_existing_workdir(tmp_path, capsys):
     (tmp_path / "something").write_text("keep me")
-    result = _run("jobs.demo", "--workdir", str(tmp_path), timeout=120)
-    assert result.returncode == 2
-    assert "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert run_job_module("jobs.demo", "--workdir", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
     assert (tmp_path / "something").read_text() == "keep me"
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_its_overwrite_keeps_a_users_files(tmp_path):
+def test_demo_runs_end_to_end_and_its_overwrite_keeps_a_users_files(ray_job_env, tmp_path):
     workdir = tmp_path / "demo"
     # A workdir that already holds a user's files, among them one inside the demo's data and run
     # folders: --overwrite replaces only what the demo makes.
@@ -44,9 +44,10 @@ def test_demo_runs_end_to_end_and_its_overwrite_keeps_a_users_files(tmp_path):
         path.write_text(text)
     # The demo's own 8 epochs (cheap: ~0.05 s each). Random-backbone features are large, so the
     # first Adam steps overshoot (loss ~10); 4 epochs passed or failed by the shuffle order alone.
-    result = _run(
-        "jobs.demo", "--workdir", str(workdir), "--images-per-class", "16", "--image-size", "32", "--epochs", "8",
-        "--overwrite",
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.demo", "--workdir", str(workdir), "--images-per-class", "16", "--image-size", "32",
+         "--epochs", "8", "--overwrite"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=ray_job_env,  # joins the session's Ray
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout[result.stdout.index("{") :])

@@ -2,7 +2,7 @@
 
 Each case starts Ray in a fresh Python process (so no other test's cluster is involved), runs a
 task so that workers and agents exist, and reads the listening sockets of that process tree from
-/proc. The control case shows what plain `ray.init()` does on this machine, so the check itself is
+/proc; the two processes run side by side. The control case shows what plain `ray.init()` does on this machine, so the check itself is
 proven able to fail.
 """
 
@@ -54,33 +54,40 @@ print("REPORT " + json.dumps(report))
 """
 
 
-@pytest.fixture
-def ray_tmp():
-    """A short session folder: Ray's AF_UNIX socket paths must stay under 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="cdsec-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+@pytest.fixture(scope="module")
+def children():
+    """Both cases side by side, each a fresh process with a session folder of its own (short: Ray's
+    AF_UNIX socket paths must stay under 107 bytes); their (returncode, stdout, stderr) by mode."""
+    roots = {mode: Path(tempfile.mkdtemp(prefix="cdsec-", dir="/tmp")) for mode in ("catdog", "plain")}
+    procs = {}
+    try:
+        for mode, root in roots.items():
+            env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+            env["RAY_TMPDIR"] = str(root)
+            procs[mode] = subprocess.Popen([sys.executable, "-c", _CHILD, str(REPO), str(REPO / "tests"), mode], env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        outputs = {mode: proc.communicate(timeout=180) for mode, proc in procs.items()}
+        yield {mode: (procs[mode].returncode, *output) for mode, output in outputs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for root in roots.values():
+            shutil.rmtree(root, ignore_errors=True)
 
 
-def _run(mode: str, tmp_path: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    env["RAY_TMPDIR"] = str(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(REPO), str(REPO / "tests"), mode],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+def _report(child: tuple[int | None, str, str]) -> dict:
+    returncode, stdout, stderr = child
+    lines = [line for line in stdout.splitlines() if line.startswith("REPORT ")]
+    assert returncode == 0 and lines, stdout[-2000:] + stderr[-4000:]
     report = json.loads(lines[-1][len("REPORT ") :])
     report["listeners"] = [Listener(**item) for item in report["listeners"]]
     return report
 
 
-def test_init_ray_listens_on_loopback_only_and_starts_no_dashboard(ray_tmp):
-    report = _run("catdog", ray_tmp)
+def test_init_ray_listens_on_loopback_only_and_starts_no_dashboard(children):
+    report = _report(children["catdog"])
     listeners = report["listeners"]
     names = " ".join(item.process for item in listeners)
     # Not vacuous: Ray's own servers were found and checked.
@@ -93,9 +100,9 @@ def test_init_ray_listens_on_loopback_only_and_starts_no_dashboard(ray_tmp):
     assert report["driver_env_left"] is None, "the driver's environment is restored after start"
 
 
-def test_plain_ray_init_is_what_the_loopback_setting_fixes(ray_tmp):
+def test_plain_ray_init_is_what_the_loopback_setting_fixes(children):
     """Control: without catdog's setting, Ray 2.60 on Linux rewrites 127.0.0.1 and listens wider."""
-    report = _run("plain", ray_tmp)
+    report = _report(children["plain"])
     if report["node_ip"] == "127.0.0.1":
         pytest.skip("this machine has no external address; Ray falls back to loopback by itself")
     exposed = [item for item in report["listeners"] if not item.loopback]

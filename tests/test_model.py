@@ -28,6 +28,28 @@ def saved_run(tmp_path_factory):
     return run, full, extractor
 
 
+@pytest.fixture(scope="module")
+def extractor64():
+    """64-pixel extractors with trained-looking BatchNorm statistics, one per head (the head decides
+    the pooling), built once for the folding tests; each test builds and saves its own model around one."""
+    built = {}
+
+    def extractor(head: str = "gap") -> keras.Model:
+        if head not in built:
+            built[head] = M.build_feature_extractor(M.ModelSpec(num_classes=3, image_size=64, head=head), weights=None,
+                                                    seed=1)
+            _randomise_batchnorm(built[head])
+        return built[head]
+
+    return extractor
+
+
+@pytest.fixture(scope="module")
+def seeded_backbone():
+    """The seed-5 random backbone at 32 px, built in the main thread with nothing else drawing random numbers."""
+    return M.build_feature_extractor(M.ModelSpec(2, 32), None, seed=5)
+
+
 def _pixels(n=4, size=32, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3)).astype("float32")
 
@@ -40,8 +62,8 @@ def test_preprocessing_is_resnet50_preprocess_input(saved_run):
     np.testing.assert_allclose(extractor(x), expected, atol=1e-5)
 
 
-def test_backbone_frozen_and_head_small():
-    extractor = M.build_feature_extractor(SPEC, weights=None)
+def test_backbone_frozen_and_head_small(saved_run):
+    _, _, extractor = saved_run  # as build_feature_extractor returns it
     assert extractor.trainable_weights == []
     gap = M.build_head(M.ModelSpec(num_classes=2, image_size=180))
     flatten = M.build_head(M.ModelSpec(num_classes=2, image_size=180, head="flatten"))
@@ -105,10 +127,9 @@ def _layers_of(model: keras.Model, kind: type) -> list:
 
 
 @pytest.mark.parametrize("head", ["gap", "flatten"])
-def test_inference_model_folds_every_batchnorm_of_resnet50_exactly(tmp_path, head):
+def test_inference_model_folds_every_batchnorm_of_resnet50_exactly(tmp_path, extractor64, head):
     spec = M.ModelSpec(num_classes=3, image_size=64, head=head)
-    extractor = M.build_feature_extractor(spec, weights=None, seed=1)
-    _randomise_batchnorm(extractor)
+    extractor = extractor64(head)
     M.save_model(M.build_model(extractor, M.build_head(spec)), str(tmp_path / M.MODEL_FILENAME))
     saved = M.load_model(str(tmp_path))
     fast = inference_model(saved, "float32")
@@ -122,20 +143,24 @@ def test_inference_model_folds_every_batchnorm_of_resnet50_exactly(tmp_path, hea
     np.testing.assert_allclose(fast(x, training=False), saved(x, training=False), atol=1e-4)  # float32 rounding
 
 
+@pytest.fixture(scope="module")
+def archive_run(tmp_path_factory, extractor64):
+    """A saved 64-pixel run with folded-looking BatchNorm statistics and a head of random weights and biases."""
+    run = tmp_path_factory.mktemp("archive-run")
+    head = M.build_head(M.ModelSpec(num_classes=3, image_size=64))
+    head.set_weights([np.random.default_rng(6).normal(size=w.shape) for w in head.get_weights()])
+    M.save_model(M.build_model(extractor64("gap"), head), str(run / M.MODEL_FILENAME))
+    return run
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_inference_model_straight_from_the_archive_equals_the_two_step_load(tmp_path, precision, caplog):
+def test_inference_model_straight_from_the_archive_equals_the_two_step_load(archive_run, precision, caplog):
     """load_inference_model reads Keras' weights file itself; it must give exactly the weights of
     inference_model(load_model(...)), without falling back to that two-step load."""
-    spec = M.ModelSpec(num_classes=3, image_size=64)
-    extractor = M.build_feature_extractor(spec, weights=None, seed=2)
-    _randomise_batchnorm(extractor, seed=5)
-    head = M.build_head(spec)
-    head.set_weights([np.random.default_rng(6).normal(size=w.shape) for w in head.get_weights()])
-    M.save_model(M.build_model(extractor, head), str(tmp_path / M.MODEL_FILENAME))
     with caplog.at_level("DEBUG", logger="catdog.inference"):
-        direct = load_inference_model(str(tmp_path), precision)
+        direct = load_inference_model(str(archive_run), precision)
     assert "not in the expected layout" not in caplog.text
-    two_step = inference_model(M.load_model(str(tmp_path)), precision)
+    two_step = inference_model(M.load_model(str(archive_run)), precision)
     assert [w.path for w in direct.weights] == [w.path for w in two_step.weights]
     for got, expected in zip(direct.get_weights(), two_step.get_weights()):
         assert got.dtype == expected.dtype
@@ -223,36 +248,44 @@ def test_lambda_layer_model_is_refused(tmp_path):
         load_inference_model(str(tmp_path))
 
 
-def test_random_backbone_is_identical_across_processes():
+def test_random_backbone_is_identical_across_processes(seeded_backbone):
     """Cached features stay valid only if every process builds the same seeded random backbone."""
     code = (
         "from catdog import model as M;"
         "print(M.weights_fingerprint(M.build_feature_extractor(M.ModelSpec(2, 32), None, seed=5)))"
     )
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True) for _ in range(2)]
-    prints = [r.stdout.strip().splitlines()[-1] for r in runs]
-    here = M.weights_fingerprint(M.build_feature_extractor(M.ModelSpec(2, 32), None, seed=5))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # side by side: two fresh processes
+    runs = [(proc, *proc.communicate(timeout=300)) for proc in procs]
+    assert all(proc.returncode == 0 for proc, _, _ in runs), [err[-2000:] for _, _, err in runs]
+    prints = [out.strip().splitlines()[-1] for _, out, _ in runs]
+    here = M.weights_fingerprint(seeded_backbone)
     assert prints[0] == prints[1] == here
 
 
-def test_random_backbone_ignores_global_random_state_used_by_other_threads():
+def test_random_backbone_ignores_global_random_state_used_by_other_threads(seeded_backbone):
     """jobs.train builds the backbone in a thread while Ray starts in the main thread and draws
     from Python's and numpy's global random state; the backbone (the cache key) must not move."""
     import random
     import threading
+    import time
 
     spec = M.ModelSpec(2, 32)
-    expected = M.weights_fingerprint(M.build_feature_extractor(spec, None, seed=5))
+    expected = M.weights_fingerprint(seeded_backbone)
     built = {}
     thread = threading.Thread(target=lambda: built.update(
         fingerprint=M.weights_fingerprint(M.build_feature_extractor(spec, None, seed=5))))
     thread.start()
+    draws = 0
     while thread.is_alive():
         random.random()
         np.random.random()
+        draws += 1
+        time.sleep(0.0005)  # a draw every ~half millisecond; a loop without a pause starves the build of the GIL
     thread.join()
+    assert draws > 100, draws  # the draws really did interleave with the build
     assert built["fingerprint"] == expected
-    kernel = M.build_feature_extractor(spec, None, seed=5).get_layer("resnet50").get_layer("conv1_conv").kernel
+    kernel = seeded_backbone.get_layer("resnet50").get_layer("conv1_conv").kernel
     limit = np.sqrt(6 / (7 * 7 * (3 + 64)))  # Glorot-uniform, Keras' default for Conv2D
     assert 0.9 * limit < float(np.abs(np.asarray(kernel)).max()) <= limit
     assert M.weights_fingerprint(M.build_feature_extractor(spec, None, seed=6)) != expected

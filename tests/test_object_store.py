@@ -9,16 +9,10 @@ a job's user mistake on S3 mapped to exit code 2.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_job_module
 
 
 @pytest.fixture
@@ -77,20 +71,13 @@ def test_decoding_reads_s3_uris_and_records_missing_objects(s3_env, tmp_path):
     assert imaging.error_kind(decoded["error"][-1]) == "read_error"
 
 
-@pytest.mark.slow
-def test_a_job_with_a_missing_s3_input_exits_2_and_writes_nothing(s3, tmp_path):
-    ray_tmp = tempfile.mkdtemp(prefix="cds3-", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(s3.env, RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO))
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "jobs.score", "--model", s3.uri("runs/none"), "--input", s3.uri("no-such-prefix"),
-             "--output", s3.uri("preds/never")],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 2, proc.stderr[-4000:]
-    assert "error:" in proc.stderr
+def test_a_job_with_a_missing_s3_input_exits_2_and_writes_nothing(s3_env, tmp_path, monkeypatch, capsys):
+    s3 = s3_env
+    monkeypatch.chdir(tmp_path)  # a URI taken for a local path would land here
+    code = run_job_module("jobs.score", "--model", s3.uri("runs/none"), "--input", s3.uri("no-such-prefix"),
+                          "--output", s3.uri("preds/never"))
+    err = capsys.readouterr().err
+    assert code == 2, err[-4000:]
+    assert "error:" in err
     assert s3.keys("preds/") == []
     assert list(tmp_path.iterdir()) == [], "a URI was treated as a local path"

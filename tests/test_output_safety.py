@@ -5,8 +5,6 @@ a row (unknown schemes, oversized files). Real files, real Parquet, the session'
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +18,8 @@ from catdog.inputs import list_inputs
 from catdog.predictions_folder import RUN_MARKER, SUCCESS_FILE, PredictionsFolder, plan_resume, predictions_schema
 from catdog.sample_data import generate_sample_dataset, remove_sample_dataset
 from catdog.score_config import ScoreConfig
+from conftest import run_job_module
 from test_score import CLASSES, _write_part
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- fast: the folder's own files, refusals, the resume plan, reading (no Ray) ----
@@ -70,16 +67,14 @@ def test_output_spelled_through_a_symlink_still_overlaps(tmp_path):
     storage.refuse_unsafe_output("s3://bucket/preds", "s3://bucket/photos")
 
 
-def test_score_job_refuses_output_equal_to_input_and_leaves_it_unchanged(tiny_model_run, tmp_path):
+def test_score_job_refuses_output_equal_to_input_and_leaves_it_unchanged(tiny_model_run, tmp_path, capsys):
     photos = generate_sample_dataset(tmp_path / "photos", images_per_class=2)
     before = sorted(str(p.relative_to(photos)) for p in photos.rglob("*"))
-    job = subprocess.run(
-        [sys.executable, "-m", "jobs.score", "--model", str(tiny_model_run), "--input", str(photos),
-         "--output", str(photos), "--overwrite"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert job.returncode == 2, job.stderr[-2000:]
-    assert "overlaps the input" in job.stderr
+    code = run_job_module("jobs.score", "--model", str(tiny_model_run), "--input", str(photos), "--output", str(photos),
+                          "--overwrite")
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "overlaps the input" in err
     assert sorted(str(p.relative_to(photos)) for p in photos.rglob("*")) == before
 
 

@@ -216,23 +216,14 @@ def test_readme_analysing_snippets_run(tmp_path, monkeypatch, capsys):
 
 
 @pytest.fixture
-def s3_bucket(monkeypatch):
-    """A moto S3 server on localhost, reached through the standard AWS variables (as users would
-    reach MinIO); yields a fresh bucket name."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-    }.items():
+def s3_bucket(s3, monkeypatch):
+    """A bucket on the session's local S3 server (moto, 127.0.0.1), reached through the standard AWS
+    variables (as users would reach MinIO); yields the bucket name."""
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in s3.env.items():
         monkeypatch.setenv(key, value)
-    boto3.client("s3").create_bucket(Bucket="preds")
-    yield "preds"
-    server.stop()
+    yield s3.bucket
 
 
 def test_report_on_s3(tmp_path, s3_bucket):

@@ -23,6 +23,7 @@ from catdog.predictions_folder import PredictionsFolder, predictions_schema
 from catdog.errors import CatdogError, OutputExistsError
 from catdog.imaging import decode_image
 from catdog.score_config import ScoreConfig
+from conftest import job_lines, run_job_module
 from hostile_corpus import MAX_PIXELS, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +209,7 @@ def _lambda_run(folder: Path) -> Path:
     return folder
 
 
-def test_a_model_with_a_lambda_layer_is_refused_before_anything_runs(tmp_path):
+def test_a_model_with_a_lambda_layer_is_refused_before_anything_runs(tmp_path, capsys):
     from catdog.errors import ModelLoadError
     from catdog.model import load_model
     from catdog.run_folder import describe_model
@@ -222,9 +223,9 @@ def test_a_model_with_a_lambda_layer_is_refused_before_anything_runs(tmp_path):
     images.mkdir()
     Image.new("RGB", (8, 8)).save(images / "a.jpg")
     out = tmp_path / "out"
-    job = subprocess.run([sys.executable, "-m", "jobs.score", "--model", str(run), "--input", str(images),
-                          "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert job.returncode == 2 and "Lambda layers are refused" in job.stderr, job.stderr[-2000:]
+    code = run_job_module("jobs.score", "--model", str(run), "--input", str(images), "--output", str(out))
+    err = capsys.readouterr().err
+    assert code == 2 and "Lambda layers are refused" in err, err[-2000:]
     assert not out.exists()
 
 
@@ -267,7 +268,8 @@ def hostile(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_hostile_corpus_gives_one_row_per_file_and_in_process_predictions(ray_cluster, tiny_model_run, hostile, tmp_path):
+def test_hostile_corpus_gives_one_row_per_file_and_in_process_predictions(ray_cluster, tiny_model_run, hostile, tmp_path,
+                                                                         capsys):
     root, expected = hostile
     out = tmp_path / "preds"
     from catdog.scoring import score
@@ -317,10 +319,11 @@ def test_hostile_corpus_gives_one_row_per_file_and_in_process_predictions(ray_cl
     before = sorted(os.listdir(out))
     with pytest.raises(OutputExistsError):
         score(_config(tiny_model_run, root, out))
-    job = subprocess.run([sys.executable, "-m", "jobs.score", "--model", str(tiny_model_run), "--input", str(root),
-                          "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert job.returncode == 2, job.stderr[-2000:]
-    assert "already exists" in job.stderr and "--resume" in job.stderr
+    capsys.readouterr()
+    code = run_job_module("jobs.score", "--model", str(tiny_model_run), "--input", str(root), "--output", str(out))
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "already exists" in err and "--resume" in err
     assert sorted(os.listdir(out)) == before
 
 
@@ -404,14 +407,14 @@ def test_bfloat16_matches_float32_and_manifest_labels_and_missing_paths(ray_clus
 
 
 @pytest.mark.slow
-def test_predict_job_prints_the_in_process_prediction(tiny_model_run, real_photos):
+def test_predict_job_prints_the_in_process_prediction(tiny_model_run, real_photos, capsys):
     photo = sorted((real_photos / "dogs").glob("*.jpg"))[0]
-    job = subprocess.run([sys.executable, "-m", "jobs.predict", str(photo), "--model", str(tiny_model_run)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert job.returncode == 0, job.stderr[-2000:]
+    code = run_job_module("jobs.predict", str(photo), "--model", str(tiny_model_run))
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
     probs = _in_process_probs(tiny_model_run, [str(photo)])[0]
     best = int(probs.argmax())
-    lines = job.stdout.strip().splitlines()
+    lines = job_lines(out.strip())
     assert lines[-3] == f"This image is {probs[best]:.2%} {CLASSES[best]}."
     assert lines[-2:] == [f"  cats: {probs[0]:.4f}", f"  dogs: {probs[1]:.4f}"]
     from catdog.errors import InputError

@@ -22,7 +22,7 @@ from PIL import Image
 from catdog import predictions_folder as output
 from catdog.predictions_folder import PredictionsFolder
 from catdog.score_config import ScoreConfig
-from conftest import write_model_run
+from conftest import run_job_module, write_model_run
 from hostile_corpus import write_huge_png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,9 @@ def test_killed_predictor_actor_is_restarted_and_no_row_is_lost_or_doubled(ray_c
 
 
 @pytest.mark.slow
-def test_sigkilled_driver_then_resume_ends_with_exact_rows(slow_model_run, real_photos, tmp_path):
+def test_sigkilled_driver_then_resume_ends_with_exact_rows(slow_model_run, real_photos, ray_job_env, tmp_path):
+    """The killed run drives a local Ray of its own (the driver's crash takes that Ray with it); the
+    resumed run joins the session's Ray, as a re-submitted job joins its cluster."""
     out = tmp_path / "preds"
     manifest, expected = _photo_manifest(real_photos, "cats", tmp_path / "cats.parquet")
     command = [sys.executable, "-m", "jobs.score", "--model", str(slow_model_run), "--input",
@@ -133,7 +135,7 @@ def test_sigkilled_driver_then_resume_ends_with_exact_rows(slow_model_run, real_
         assert 0 < partial < expected
         assert not (out / output.SUCCESS_FILE).exists()  # readers can tell it is partial
 
-        resumed = subprocess.run([*command, "--resume"], cwd=ROOT, env=_clean_env(), capture_output=True,
+        resumed = subprocess.run([*command, "--resume"], cwd=ROOT, env=ray_job_env, capture_output=True,
                                  text=True, timeout=600, start_new_session=True)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     finally:
@@ -267,9 +269,8 @@ def test_hostile_folder_symlinks_unreadable_vanishing_and_bomb_files(ray_cluster
     assert summary["skipped_while_listing"] == listing.skipped
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", ["empty_folder", "zero_byte_manifest", "missing_input"])
-def test_unusable_input_exits_2_and_writes_nothing(tiny_model_run, tmp_path, case):
+def test_unusable_input_exits_2_and_writes_nothing(tiny_model_run, tmp_path, case, capsys):
     source = tmp_path / "input"
     if case == "empty_folder":
         (source / "sub").mkdir(parents=True)
@@ -278,9 +279,8 @@ def test_unusable_input_exits_2_and_writes_nothing(tiny_model_run, tmp_path, cas
         source = tmp_path / "manifest.parquet"
         source.write_bytes(b"")
     out = tmp_path / "preds"
-    job = subprocess.run([sys.executable, "-m", "jobs.score", "--model", str(tiny_model_run), "--input", str(source),
-                          "--output", str(out)], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
-                         timeout=120)
-    assert job.returncode == 2, job.stderr[-2000:]
-    assert str(source) in job.stderr and "Traceback" not in job.stderr
+    code = run_job_module("jobs.score", "--model", str(tiny_model_run), "--input", str(source), "--output", str(out))
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert str(source) in err and "Traceback" not in err
     assert not out.exists()

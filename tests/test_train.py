@@ -1,8 +1,9 @@
 """Training: argument checks (fast, no Ray) and real Ray Train runs on generated and real images.
 
-One 2-worker cached run is shared by several tests (module fixture); a second run goes through the
-`python -m jobs.train` command line and must reuse that run's feature cache; a third runs end to
-end with augmentation on a backbone weights file the test saved.
+The session's 2-worker cached run (`trained_run`, conftest) is inspected by several tests; a second
+run goes through the `python -m jobs.train` command line, joined to the session's Ray, and must
+reuse that run's feature cache; a third runs end to end with augmentation on a backbone weights
+file the test saved.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +19,12 @@ import numpy as np
 import pytest
 
 from catdog.calibration import MIN_ROWS_PER_HALF, fit_half
-from catdog.dataset import list_labelled_images, split_fraction, split_train_val
+from catdog.dataset import list_labelled_images, split_train_val
 from catdog.train_config import TrainConfig
+from conftest import job_lines, run_job_module
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = ["model.keras", "classes.json", "config.json", "metrics.json", "history.csv", "curves.png"]
-
-
-def _run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.train", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def _read(run: Path, name: str):
@@ -67,7 +63,13 @@ def test_config_validation_names_the_bad_setting(change, flag):
         TrainConfig(data="d", output="o", **change).validate()
 
 
-def test_bad_arguments_exit_2_before_ray_starts(tmp_path, sample_images):
+def test_bad_arguments_exit_2_before_ray_starts(tmp_path, sample_images, capsys, monkeypatch):
+    import catdog.ray_session
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the job went on to start Ray")
+
+    monkeypatch.setattr(catdog.ray_session, "init_ray", no_ray)
     one_class = tmp_path / "one"
     (one_class / "cats").mkdir(parents=True)
     (one_class / "cats" / "a.jpg").write_bytes((sample_images / "cats" / "cats_0001.jpg").read_bytes())
@@ -88,14 +90,11 @@ def test_bad_arguments_exit_2_before_ray_starts(tmp_path, sample_images):
         "invalid int value": ["--data", str(sample_images), "--output", out, "--epochs", "ten"],
         "invalid choice": ["--data", str(sample_images), "--output", out, "--head", "mlp"],
     }
-    procs = {
-        expected: subprocess.Popen([sys.executable, "-m", "jobs.train", *args], cwd=REPO, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for expected, args in cases.items()
-    }
-    for expected, proc in procs.items():
-        output, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 2, (expected, output)
+    for expected, args in cases.items():
+        code = run_job_module("jobs.train", *args)
+        captured = capsys.readouterr()
+        output = "\n".join(job_lines(captured.out) + job_lines(captured.err))
+        assert code == 2, (expected, output)
         assert expected in output, (expected, output)
         assert "Ray" not in output and "Traceback" not in output, output
     assert not Path(out).exists()
@@ -191,56 +190,23 @@ def test_seeding_a_worker_changes_its_dropout_masks_not_its_weights():
     assert not np.allclose(augment(1), rank0)  # each rank flips, rotates and crops its own way
 
 
-def test_help_lists_every_flag_of_the_issue():
-    result = _run_cli("--help", timeout=60)
-    assert result.returncode == 0
+def test_help_lists_every_flag_of_the_issue(capsys):
+    assert run_job_module("jobs.train", "--help") == 0
+    help_text = capsys.readouterr().out
     for flag in ("--data", "--output", "--val-data", "--val-fraction", "--seed", "--image-size", "--head",
                  "--weights", "--mode", "--augment", "--epochs", "--batch-size", "--learning-rate", "--patience",
                  "--num-workers", "--use-gpu", "--cpus-per-worker", "--cache-dir", "--keep-checkpoints",
                  "--max-failures", "--overwrite"):
-        assert flag in result.stdout, flag
+        assert flag in help_text, flag
 
 
 # ---- slow: real training runs -----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("feature-cache")
-
-
-@pytest.fixture(scope="module")
-def training_data(sample_images, tmp_path_factory) -> Path:
-    """The 80 generated images plus two unreadable ones: a text file and a truncated JPEG. One dog
-    is a cat photo: a mistake in the calibration fit half of `two_worker_run` (seed 123,
-    validation 0.4), so its temperature has something to fit (a fit half without mistakes is
-    left at T = 1)."""
-    root = tmp_path_factory.mktemp("data") / "images"
-    shutil.copytree(sample_images, root)
-    mislabelled = next(name for name in sorted(os.listdir(root / "dogs")) if name.endswith(".jpg")
-                       and split_fraction(f"dogs/{name}", 123) < 0.4 and fit_half([f"dogs/{name}"], 123)[0])
-    (root / "dogs" / mislabelled).write_bytes((root / "cats" / mislabelled.replace("dogs", "cats")).read_bytes())
-    (root / "cats" / "notes.jpg").write_text("not an image")
-    jpeg = (sample_images / "dogs" / "dogs_0001.jpg").read_bytes()
-    (root / "dogs" / "nested").mkdir()
-    (root / "dogs" / "nested" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
-    return root
-
-
-@pytest.fixture(scope="module")
-def two_worker_run(ray_cluster, training_data, cache_dir, tmp_path_factory):
-    """2 workers, cached features, random-init backbone, 32 px: the run several tests inspect.
-
-    A validation fraction of 0.4 gives 37 readable validation images, enough for both
-    calibration halves (catdog.calibration.MIN_ROWS_PER_HALF); the default 0.2 gives 19."""
-    from catdog.training import train
-
-    output = tmp_path_factory.mktemp("runs") / "two-workers"
-    config = TrainConfig(data=str(training_data), output=str(output), weights="none", image_size=32, epochs=6,
-                         patience=3, num_workers=2, cache_dir=str(cache_dir), keep_checkpoints=2, seed=123,
-                         val_fraction=0.4)
-    result = train(config)
-    return config, output, result
+def two_worker_run(trained_run):
+    """The session's trained run (conftest): its config, run folder and TrainResult."""
+    return trained_run
 
 
 @pytest.mark.slow
@@ -347,12 +313,15 @@ def test_saved_model_scores_validation_images_with_the_fitted_temperature(two_wo
 
 
 @pytest.mark.slow
-def test_second_run_from_the_command_line_reuses_the_feature_cache(two_worker_run, training_data, cache_dir, tmp_path):
+def test_second_run_from_the_command_line_reuses_the_feature_cache(two_worker_run, training_data, feature_cache,
+                                                                   ray_job_env, tmp_path):
     changed = training_data / "cats" / "cats_0003.jpg"
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))  # "edited"
     output = tmp_path / "again"
-    result = _run_cli("--data", str(training_data), "--output", str(output), "--weights", "none", "--image-size", "32",
-                      "--epochs", "1", "--num-workers", "1", "--cache-dir", str(cache_dir))
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--data", str(training_data), "--output", str(output), "--weights", "none",
+         "--image-size", "32", "--epochs", "1", "--num-workers", "1", "--cache-dir", str(feature_cache)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=ray_job_env)  # joins the session's Ray
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = _read(output, "metrics.json")
     assert metrics["cache"]["reused"] == 81 and metrics["cache"]["computed"] == 1  # only the edited file
@@ -430,11 +399,12 @@ def test_embeddings_overlap_the_fit_only_when_workers_and_embedding_actors_fit_t
 
 
 @pytest.mark.slow
-def test_too_few_readable_images_found_while_the_fit_starts_fail_with_the_data_error(ray_cluster, training_data,
-                                                                                     tmp_path):
+def test_too_few_readable_images_found_while_the_fit_starts_fail_with_the_data_error(two_worker_run, training_data,
+                                                                                     feature_cache, tmp_path):
     """The embeddings are computed while the Train workers start; when they reveal that nothing
     in --val-data is readable, the waiting workers fail and the user gets the data error (exit 2),
-    not a hang and not a Ray Train failure."""
+    not a hang and not a Ray Train failure. The training images come from the session's cache
+    (filled by the trained run); the unreadable validation files are new to it."""
     from catdog.errors import InputError
     from catdog.training import train
 
@@ -443,7 +413,7 @@ def test_too_few_readable_images_found_while_the_fit_starts_fail_with_the_data_e
         (val / name).mkdir(parents=True)
         (val / name / "broken.jpg").write_text("not an image")
     config = TrainConfig(data=str(training_data), val_data=str(val), output=str(tmp_path / "out"), weights="none",
-                         image_size=32, epochs=1, num_workers=1, cache_dir=str(tmp_path / "cache"))
+                         image_size=32, epochs=1, num_workers=1, cache_dir=str(feature_cache))
     with pytest.raises(InputError, match="too few readable images: 80 train .* 0 validation"):
         train(config)
 

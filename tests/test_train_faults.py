@@ -47,13 +47,13 @@ def _reported_epochs(output: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_worker_process_resumes_from_the_latest_checkpoint(ray_cluster, sample_images, tmp_path):
+def test_killed_worker_process_resumes_from_the_latest_checkpoint(ray_cluster, sample_images, feature_cache, tmp_path):
     from catdog.training import train
 
     output = tmp_path / "run"
     config = TrainConfig(data=str(sample_images), output=str(output), weights="none", image_size=32, epochs=EPOCHS,
                          patience=0, num_workers=2, max_failures=2, keep_checkpoints=2,
-                         cache_dir=str(tmp_path / "cache"))
+                         cache_dir=str(feature_cache))  # the session's: embeddings other runs made are reused
     outcome: dict = {}
 
     def run():
