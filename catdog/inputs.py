@@ -2,49 +2,32 @@
 
 The listing is a stream: `InputSource.chunks()` yields tables of at most `chunk_rows` files while
 it walks, so the first files can be scored before the last folder is read, and no process holds
-the whole listing. Memory: one chunk, plus one entry per directory walked (loop detection) for
-local folders and one directory's entries at a time for object stores, whose API lists a prefix
-in one call (a flat prefix of tens of millions of objects wants a manifest).
+the whole listing. Memory: one chunk, plus what the walk holds (see `catdog.folder_walk`).
 
-Every listed path is normalised once, here, so the `path` column of the output, resume and
-accounting all compare the same strings: local paths are absolute, under the input folder's real
-path (a folder reached through a symlink or `..` lists the same names), and URIs read
-`scheme://bucket/key`. Folder and prefix listings also give each file's size and modification
-time (`file_size`, `file_modified`), which a resume compares to rescore changed files; manifests
-leave them null (a resume then keys on the path alone).
+Every listed path is normalised once (`catdog.input_paths`), so the `path` column of the output,
+resume and accounting all compare the same strings. Folder and prefix listings also give each
+file's size and modification time (`file_size`, `file_modified`), which a resume compares to
+rescore changed files; manifests leave them null (a resume then keys on the path alone).
 
-Folder policy (local folders):
-- searched recursively for `catdog.storage.IMAGE_EXTENSIONS` (case-insensitive);
-- a directory whose name looks like an image (`x.jpg/`) is a directory: walked, never listed;
-- a symlink whose target lies outside the input folder is skipped unless `follow_symlinks`;
-- each real directory is walked once, so symlink loops end and aliases give no duplicates;
-- a dangling symlink or an unreadable file is listed: scoring gives it an error row.
-
-Manifests (`.parquet`, `.csv`) need a `path` column; a `true_label` column is carried through.
-Relative paths in a manifest are relative to the manifest's folder. Repeated paths are scored
-once (the scoring run drops repeats after listing). Very large inputs (millions of files) list
-faster from a manifest than from a folder.
+Folder policy: see `catdog.folder_walk`; manifest format: see `catdog.manifests`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import posixpath
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from catdog import storage
 from catdog.errors import InputError
+from catdog.folder_walk import Row, walk_local, walk_uri
+from catdog.input_paths import normalise_path
+from catdog.manifests import MANIFEST_EXTENSIONS, manifest_batches, manifest_columns
 
-logger = logging.getLogger(__name__)
-
-MANIFEST_EXTENSIONS = (".parquet", ".csv")
 PATH_COLUMN = "path"
 TRUE_LABEL_COLUMN = "true_label"
 SIZE_COLUMN = "file_size"
@@ -76,32 +59,6 @@ class InputListing:
     @property
     def has_true_label(self) -> bool:
         return TRUE_LABEL_COLUMN in self.table.column_names
-
-
-def normalise_path(path: str, base: str | None = None) -> str:
-    """One canonical spelling per file: absolute normalised local path, or a clean URI.
-
-    `base` (a local folder or URI) anchors relative paths; `file://` URIs become local paths.
-    """
-    path = path.strip()
-    if path.startswith("file://"):
-        path = path[len("file://") :]
-    if storage.is_uri(path):
-        scheme, rest = path.split("://", 1)
-        return f"{scheme.lower()}://{posixpath.normpath(rest.lstrip('/'))}"
-    if base is not None and not os.path.isabs(os.path.expanduser(path)):
-        if storage.is_uri(base):
-            return normalise_path(posixpath.join(base.rstrip("/"), path))
-        path = os.path.join(base, path)
-    absolute = os.path.abspath(os.path.expanduser(path))
-    folder, name = os.path.split(absolute)
-    return os.path.join(_real_folder(folder), name)
-
-
-@lru_cache(maxsize=4096)
-def _real_folder(folder: str) -> str:
-    """The real path of a folder (symlinks resolved once per folder, not per file)."""
-    return os.path.realpath(folder)
 
 
 @dataclass
@@ -139,9 +96,9 @@ class InputSource:
             if self.kind == "manifest":
                 yield from self._manifest_chunks(local, chunk_rows)
             elif storage.is_uri(local):
-                yield from _rows_in_chunks(_walk_uri(local), chunk_rows)
+                yield from _rows_in_chunks(walk_uri(local), chunk_rows)
             else:
-                yield from _rows_in_chunks(_walk_local(local, self.follow_symlinks, self.skipped), chunk_rows)
+                yield from _rows_in_chunks(walk_local(local, self.follow_symlinks, self.skipped), chunk_rows)
         except InputError:
             raise
         except (OSError, pa.ArrowException, ValueError) as exc:
@@ -150,7 +107,7 @@ class InputSource:
     def _manifest_chunks(self, location: str, chunk_rows: int) -> Iterator[pa.Table]:
         base = posixpath.dirname(location) if storage.is_uri(location) else os.path.dirname(os.path.abspath(location))
         columns = [PATH_COLUMN, TRUE_LABEL_COLUMN] if self.has_true_label else [PATH_COLUMN]
-        for batch in _manifest_batches(location, columns, chunk_rows):
+        for batch in manifest_batches(location, columns, chunk_rows):
             table = pa.Table.from_batches([batch]).select(columns).cast(pa.schema([(c, pa.string()) for c in columns]))
             paths = table[PATH_COLUMN]
             valid = pc.and_(pc.is_valid(paths), pc.not_equal(pc.utf8_trim_whitespace(paths), ""))
@@ -245,45 +202,10 @@ def _open_manifest(location: str, local: str) -> InputSource:
         raise InputError(
             f"input {location} is a file but not a manifest: pass a folder, or a .parquet/.csv file with a 'path' column"
         )
-    names = _manifest_columns(local)
+    names = manifest_columns(local)
     if PATH_COLUMN not in names:
         raise InputError(f"manifest {location} has no '{PATH_COLUMN}' column (columns: {names})")
     return InputSource(location, "manifest", has_true_label=TRUE_LABEL_COLUMN in names)
-
-
-def _manifest_columns(location: str) -> list[str]:
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    fs, inner = storage.resolve(location)
-    try:
-        if location.lower().endswith(".parquet"):
-            with fs.open_input_file(inner) as f:
-                return pq.read_schema(f).names
-        with fs.open_input_stream(inner) as stream:
-            return pacsv.open_csv(stream).schema.names
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise InputError(f"could not read manifest {location}: {exc}") from exc
-
-
-def _manifest_batches(location: str, columns: list[str], chunk_rows: int) -> Iterator[pa.RecordBatch]:
-    """The manifest's `columns`, a batch at a time (Parquet row batches; CSV blocks)."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    fs, inner = storage.resolve(location)
-    if location.lower().endswith(".parquet"):
-        with fs.open_input_file(inner) as f:
-            yield from pq.ParquetFile(f).iter_batches(batch_size=chunk_rows, columns=columns)
-        return
-    convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns})
-    with fs.open_input_stream(inner) as stream:
-        for batch in pacsv.open_csv(stream, convert_options=convert):
-            for start in range(0, batch.num_rows, chunk_rows):
-                yield batch.slice(start, chunk_rows)
-
-
-Row = tuple[str, "int | None", "int | None"]  # path, size in bytes, mtime in ns
 
 
 def _rows_in_chunks(rows: Iterator[Row], chunk_rows: int) -> Iterator[pa.Table]:
@@ -305,72 +227,3 @@ def _listing_table(rows: list[Row]) -> pa.Table:
         SIZE_COLUMN: pa.array(sizes, pa.int64()),
         MODIFIED_COLUMN: pa.array(mtimes_us, pa.int64()).cast(MODIFIED_TYPE),
     })
-
-
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _walk_local(folder: str, follow_symlinks: bool, skipped: dict[str, int]) -> Iterator[Row]:
-    """Walk a local folder depth-first, each folder's entries in name order, applying the symlink policy."""
-    root = os.path.realpath(os.path.expanduser(folder))
-    wanted = tuple(storage.IMAGE_EXTENSIONS)
-    for reason in ("symlink_outside_input", "repeated_folder", "unreadable_folder"):
-        skipped.setdefault(reason, 0)
-    visited: set[str] = set()
-    stack = [root]
-    while stack:
-        current = stack.pop()
-        real = os.path.realpath(current)
-        if real in visited:
-            skipped["repeated_folder"] += 1  # a symlink loop, or a second name for a folder
-            continue
-        visited.add(real)
-        try:
-            with os.scandir(current) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as exc:
-            logger.warning("Cannot read folder %s: %s", current, exc)
-            skipped["unreadable_folder"] += 1
-            continue
-        subfolders = []
-        for entry in entries:
-            if entry.is_symlink() and not follow_symlinks and not _inside(os.path.realpath(entry.path), root):
-                skipped["symlink_outside_input"] += 1
-                continue
-            try:
-                is_dir = entry.is_dir(follow_symlinks=True)
-            except OSError:
-                is_dir = False
-            if is_dir:
-                subfolders.append(entry.path)
-            elif entry.name.lower().endswith(wanted):
-                yield (os.path.normpath(entry.path), *_size_and_mtime(entry))
-        stack.extend(reversed(subfolders))
-
-
-def _size_and_mtime(entry: os.DirEntry) -> tuple[int | None, int | None]:
-    try:
-        stat = entry.stat(follow_symlinks=True)
-    except OSError:
-        return None, None  # a dangling link: scoring gives it an error row
-    return stat.st_size, stat.st_mtime_ns
-
-
-def _walk_uri(location: str) -> Iterator[Row]:
-    """Walk an object-store prefix one level at a time (one prefix's entries held at once)."""
-    fs, root = storage.resolve(location)
-    wanted = tuple(storage.IMAGE_EXTENSIONS)
-    stack = [root]
-    while stack:
-        current = stack.pop()
-        entries = sorted(fs.get_file_info(pafs.FileSelector(current, recursive=False, allow_not_found=True)),
-                         key=lambda info: info.path)
-        subfolders = []
-        for info in entries:
-            if info.type == pafs.FileType.Directory:
-                subfolders.append(info.path)
-            elif info.type == pafs.FileType.File and info.path.lower().endswith(wanted):
-                path = normalise_path(storage.to_location(location, info.path))
-                yield path, int(info.size or 0), (info.mtime_ns or None)
-        stack.extend(reversed(subfolders))

@@ -6,35 +6,24 @@ custom loop: `strategy.run(step)` inside a `tf.function`, per-example losses ave
 all-reduced across workers.
 
 Cached mode: each worker reads only its own shard of the embeddings from the object store
-(`catdog.training.shard_refs`), reshuffled within the shard each epoch, and evaluates its own
-contiguous range of the validation rows; loss and accuracy are summed over workers, so all take
-the same early-stopping decision on the same numbers, and rank 0 gathers the validation logits
-(not the embeddings) at the end. Memory per worker: its 1/N of the embeddings. End-to-end mode:
-decoded images come as Ray Data shards; every worker evaluates the whole validation set.
+(`catdog.training.shard_refs`), reshuffled within the shard each epoch (`catdog.embedding_shards`),
+and evaluates its own contiguous range of the validation rows; loss and accuracy are summed over
+workers, so all take the same early-stopping decision on the same numbers, and rank 0 gathers the
+validation logits (not the embeddings) at the end. Memory per worker: its 1/N of the embeddings.
+End-to-end mode: decoded images come as Ray Data shards; every worker evaluates the whole
+validation set.
 
 Each epoch every worker calls `ray.train.report` (a barrier) with its metrics and a fingerprint
-of its own head weights; rank 0 attaches a small checkpoint (head, best head, optimizer state,
-history), from which a restarted worker group resumes at the next epoch.
-
-Rank 0 also writes TensorBoard scalars each epoch (`EpochScalars`): TensorFlow's file writer
-into a local folder, copied into RUN/tensorboard/ through catdog.storage, since the run folder may
-be an s3:// URI that TensorFlow cannot open without tensorflow-io.
-
-Seeds: the run seed builds the head, so every worker starts from the same weights (MWMS also
-broadcasts rank 0's initial values, the dropout seed state included). Then each worker re-seeds
-its own randomness, dropout masks and augmentation, from `worker_seed` (run seed, rank, first
-epoch it trains), so workers do not repeat each other's masks. Cached-mode shards are disjoint by
-construction (dealt out by the driver), so each worker reshuffles its own shard with its own seed.
+of its own head weights; rank 0 attaches a small checkpoint (`catdog.train_checkpoint`), from
+which a restarted worker group resumes at the next epoch, and writes TensorBoard scalars
+(`catdog.tensorboard_scalars`). Seeds: see `catdog.worker_seeds`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import resource
-import shutil
 import tempfile
 import time
 import uuid
@@ -42,20 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
-from catdog import storage
+from catdog.embedding_shards import cached_batches, embedding_arrays
+from catdog.tensorboard_scalars import EpochScalars
 from catdog.tensorflow_setup import configure_tensorflow
+from catdog.train_checkpoint import restore_checkpoint, save_checkpoint
+from catdog.worker_seeds import seed_worker_randomness, shuffle_seed, worker_seed
 
 logger = logging.getLogger(__name__)
 
-HEAD_WEIGHTS = "head.weights.h5"
-BEST_HEAD_WEIGHTS = "best_head.weights.h5"
-OPTIMIZER_STATE = "optimizer.npz"
-STATE_FILE = "state.json"
 VAL_BATCH_SIZE = 256  # forward-only; bounded memory even for flatten features
 SHUFFLE_BUFFER = 2048  # end-to-end mode: decoded images mixed locally across Ray Data blocks
 TEXT_WIDTH = 64  # bytes gathered per string; a Ray node id is 56 hex characters
-# TensorBoard scalars: the history columns plus the optimizer's learning rate, tagged by these names
-EPOCH_SCALARS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_time_s")
 
 
 def head_fingerprint(head) -> str:
@@ -64,70 +50,6 @@ def head_fingerprint(head) -> str:
     for weight in head.get_weights():
         digest.update(np.ascontiguousarray(weight).tobytes())
     return digest.hexdigest()[:16]
-
-
-class EpochScalars:
-    """Rank 0's TensorBoard event file: one scalar per name of EPOCH_SCALARS per epoch, step = epoch.
-
-    Written with `tf.summary.write` and the scalars plugin's metadata (what `tf.summary.scalar`
-    writes; that one lives in the tensorboard package, which TensorFlow 2.21 does not install).
-    After each epoch the local event file is copied whole to `destination`; a copy that fails is
-    logged and the next epoch's copy catches up: TensorBoard must never stop a training run.
-    """
-
-    def __init__(self, destination: str):
-        import tensorflow as tf
-        from tensorflow.core.framework import summary_pb2
-
-        self.destination = destination
-        self._local = tempfile.mkdtemp(prefix="catdog-tensorboard-")
-        self._writer = tf.summary.create_file_writer(self._local)
-        self._metadata = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-            data_class=summary_pb2.DATA_CLASS_SCALAR)
-
-    def write(self, step: int, values: dict) -> None:
-        import tensorflow as tf
-
-        with self._writer.as_default():
-            for name in EPOCH_SCALARS:
-                tf.summary.write(name, tf.constant(values[name], tf.float32), step=step, metadata=self._metadata)
-        self._writer.flush()
-        try:
-            for name in os.listdir(self._local):
-                storage.write_bytes(storage.join(self.destination, name), Path(self._local, name).read_bytes())
-        except OSError as exc:
-            logger.warning("Could not copy TensorBoard events to %s (retried next epoch): %s", self.destination, exc)
-
-    def close(self) -> None:
-        self._writer.close()
-        shutil.rmtree(self._local, ignore_errors=True)
-
-
-def _fresh_state() -> dict:
-    return {"epoch": 0, "history": [], "best_val_loss": None, "best_epoch": 0, "bad_epochs": 0, "stopped_early": False}
-
-
-def _restore(checkpoint, head, best_head, optimizer) -> dict:
-    """Load head, best head, optimizer and loop state from a checkpoint; a fresh state without one."""
-    if checkpoint is None:
-        best_head.set_weights(head.get_weights())
-        return _fresh_state()
-    with checkpoint.as_directory() as folder:
-        folder = Path(folder)
-        head.load_weights(folder / HEAD_WEIGHTS)
-        best_head.load_weights(folder / BEST_HEAD_WEIGHTS)
-        saved = np.load(folder / OPTIMIZER_STATE)
-        for i, variable in enumerate(optimizer.variables):
-            variable.assign(saved[f"v{i}"])
-        return json.loads((folder / STATE_FILE).read_text())
-
-
-def _save(folder: Path, head, best_head, optimizer, state: dict) -> None:
-    head.save_weights(folder / HEAD_WEIGHTS)
-    best_head.save_weights(folder / BEST_HEAD_WEIGHTS)
-    np.savez(folder / OPTIMIZER_STATE, **{f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
-    (folder / STATE_FILE).write_text(json.dumps(state))
 
 
 def _build_augmenter(image_size: int):
@@ -146,13 +68,6 @@ def _build_augmenter(image_size: int):
     )
 
 
-def embedding_arrays(table) -> tuple[np.ndarray, np.ndarray]:
-    """Features [n, width] float32 and labels [n] int32 of an embeddings table (converted once)."""
-    n = table.num_rows
-    features = table.column("features").combine_chunks().flatten().to_numpy().reshape(n, -1)
-    return features, table.column("label").to_numpy().astype(np.int32)
-
-
 def encode_text(text: str) -> np.ndarray:
     """A short ASCII string (a node id) as TEXT_WIDTH float64 byte codes, zero-padded: collectives
     move numbers, and float64 keeps every byte exact."""
@@ -166,53 +81,6 @@ def encode_text(text: str) -> np.ndarray:
 
 def decode_text(codes: np.ndarray) -> str:
     return bytes(np.asarray(codes)[np.asarray(codes) > 0].astype(np.uint8)).decode("ascii")
-
-
-def worker_seed(run_seed: int, rank: int, epoch: int) -> int:
-    """The seed of one worker's own randomness (dropout masks, augmentation) from `epoch` on.
-
-    NumPy's SeedSequence of (run seed, rank, epoch): independent streams per rank, not neighbouring
-    integers; the epoch is the first one the worker trains, so a resumed worker group does not
-    replay the masks of epoch 1.
-    """
-    return int(np.random.SeedSequence([run_seed, rank, epoch]).generate_state(1)[0])
-
-
-def shuffle_seed(run_seed: int, epoch: int) -> int:
-    """Seed of cached mode's per-epoch shuffle, before each rank mixes in its own rank (`worker_seed`)."""
-    return run_seed * 1000 + epoch
-
-
-def seed_worker_randomness(models: list, seed: int) -> list[int]:
-    """Seed Python, NumPy, TensorFlow and Keras with `seed`, and every random layer of `models`.
-
-    A Keras random layer (Dropout, RandomFlip, ...) draws from its own seed generator, whose state
-    was set when the layer was built (and under MWMS broadcast from rank 0), so it is assigned here
-    explicitly; weights are not touched. Returns the seeds the layers got, in order.
-    """
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    states = [v for model in models for v in model.variables if v.name == "seed_generator_state"]
-    seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(len(states))]
-    for state, value in zip(states, seeds):
-        state.assign(np.array([value, 0], dtype=state.dtype))  # the [seed, counter] a SeedGenerator starts from
-    return seeds
-
-
-def cached_batches(features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None = None,
-                   rows_per_epoch: int | None = None):
-    """Batches {"features", "label"} of this worker's own shard.
-
-    With a seed (training) the shard is reshuffled and cut to `rows_per_epoch` rows: every worker
-    must run the same number of MultiWorkerMirroredStrategy steps, and shards differ by a row at
-    most (the rows left out change every epoch). Without a seed (validation): every row, in order.
-    """
-    n = len(labels)
-    rows = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)[:rows_per_epoch]
-    for start in range(0, len(rows), batch_size):
-        picked = rows[start:start + batch_size]
-        yield {"features": features[picked], "label": labels[picked]}
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
@@ -251,7 +119,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             raise RuntimeError(f"worker {rank} built backbone {found}, the driver {config['backbone_fingerprint']}")
         if config["augment"]:
             augmenter = _build_augmenter(spec.image_size)
-    state = _restore(ray.train.get_checkpoint(), head, best_head, optimizer)
+    state = restore_checkpoint(ray.train.get_checkpoint(), head, best_head, optimizer)
     resumed_from = state["epoch"]
     if resumed_from:
         logger.info("Worker %d resumes after epoch %d", rank, resumed_from)
@@ -413,7 +281,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         with tempfile.TemporaryDirectory(prefix="catdog-ckpt-") as folder:
             checkpoint = None
             if rank == 0:
-                _save(Path(folder), head, best_head, optimizer, state)
+                save_checkpoint(Path(folder), head, best_head, optimizer, state)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}-{uuid.uuid4().hex[:8]}")
         if scalars is not None:  # after the checkpoint: a restarted group resumes after the last epoch written

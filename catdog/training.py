@@ -309,7 +309,7 @@ def _load_backbone(config: TrainConfig, num_classes: int):
 def _final_model(extractor, spec, checkpoint, temperature: float):
     """Extractor + best head (from the latest checkpoint) with the fitted temperature."""
     from catdog import model as catdog_model
-    from catdog.train_loop import BEST_HEAD_WEIGHTS
+    from catdog.train_checkpoint import BEST_HEAD_WEIGHTS
 
     head = catdog_model.build_head(replace(spec, temperature=temperature))
     with checkpoint.as_directory() as folder:

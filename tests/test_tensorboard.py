@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from catdog.run_folder import RunFolder
-from catdog.train_loop import EPOCH_SCALARS
+from catdog.tensorboard_scalars import EPOCH_SCALARS
 
 
 def read_scalars(folder: Path) -> dict[str, dict[int, float]]:

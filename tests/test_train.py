@@ -109,7 +109,7 @@ def _embeddings(n: int, width: int = 4):
 
 
 def test_each_worker_gets_only_its_disjoint_shard_and_the_shards_cover_the_data(ray_cluster):
-    from catdog.train_loop import embedding_arrays
+    from catdog.embedding_shards import embedding_arrays
     from catdog.training import shard_refs
 
     n, width, world = 23, 4, 3
@@ -127,7 +127,7 @@ def test_each_worker_gets_only_its_disjoint_shard_and_the_shards_cover_the_data(
 
 
 def test_cached_batches_reshuffle_a_shard_each_epoch_and_cut_it_to_the_common_length():
-    from catdog.train_loop import cached_batches, embedding_arrays
+    from catdog.embedding_shards import cached_batches, embedding_arrays
 
     n, width = 23, 4
     features, labels = embedding_arrays(_embeddings(n, width))
@@ -142,7 +142,7 @@ def test_cached_batches_reshuffle_a_shard_each_epoch_and_cut_it_to_the_common_le
 
 
 def test_worker_seeds_differ_by_rank_and_epoch():
-    from catdog.train_loop import worker_seed
+    from catdog.worker_seeds import worker_seed
 
     world, epoch = 3, 2
     seeds = [worker_seed(123, rank, epoch) for rank in range(world)]
@@ -157,7 +157,8 @@ def test_seeding_a_worker_changes_its_dropout_masks_not_its_weights():
     import tensorflow as tf
 
     from catdog.model import ModelSpec, build_head
-    from catdog.train_loop import _build_augmenter, seed_worker_randomness, worker_seed
+    from catdog.train_loop import _build_augmenter
+    from catdog.worker_seeds import seed_worker_randomness, worker_seed
 
     spec = ModelSpec(num_classes=2, image_size=32, hidden_units=64, dropout=0.5)
     keras.utils.set_random_seed(123)
