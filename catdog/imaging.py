@@ -132,7 +132,7 @@ def read_file(path: str, max_bytes: int | None = None) -> bytes:
         if scheme.lower() != "file":
             bucket, _, key = rest.partition("/")
             fs = _filesystem_for(f"{scheme.lower()}://{bucket}")
-            with fs.open_input_file(f"{bucket}/{key}") as f:  # sized read: 5x faster than a stream at 5 MB
+            with fs.open_input_file(f"{bucket}/{key}") as f:  # sized read: faster than a stream (benchmarks/s3_read_bench.py)
                 if max_bytes is not None and f.size() > max_bytes:
                     raise _too_large(f.size(), max_bytes)
                 return f.read()

@@ -166,7 +166,7 @@ def part_file_name(run_id: str, write_uuid: str, task_index: int) -> str:
 
 @functools.cache
 def _part_filename_provider() -> type:
-    # Defined on first use: importing Ray Data (~0.5 s) would slow every reader of the schema.
+    # Defined on first use: importing Ray Data would slow every reader of the schema.
     from ray.data.datasource import FilenameProvider
 
     class PartFilenameProvider(FilenameProvider):
@@ -559,7 +559,7 @@ class PredictionsFolder:
     def drop_superseded_files(self, duplicated_paths: pa.Array, run_id: str) -> list[str]:
         """Delete earlier runs' part files whose every row is one of `duplicated_paths`, with a copy elsewhere.
 
-        A killed run's worker can finish a write ~2 s after the kill, after a quick `--resume` scanned
+        A killed run's worker can finish a write seconds after the kill, after a quick `--resume` scanned
         the folder; the resumed run then scores those files again. The late file is the redundant copy.
         Deleted one at a time, each only while all of its rows still have another copy.
         """

@@ -253,7 +253,7 @@ def open_tracking(tracking_uri: str | None, experiment: str | None, register_as:
 
 def _refuse_unreachable(tracking_uri: str) -> None:
     """TrackingError at once when an http(s) server does not answer: MLflow's client retries a
-    refused connection for about 4 minutes (measured) before it gives up. Any answer, an error
+    refused connection for minutes before it gives up. Any answer, an error
     status included (an authenticating proxy), counts as reachable."""
     import urllib.error
     import urllib.request

@@ -23,20 +23,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 import catdog
 from catdog.dataset import LabelledImages, list_labelled_images, split_train_val
-from catdog.errors import InputError, ModelLoadError
+from catdog.errors import ModelLoadError
 from catdog.metrics import label_scores
 from catdog.run_folder import RunFolder
 from catdog.tracking import data_fingerprint, git_commit, library_versions, open_tracking
 from catdog.train_config import TrainConfig
+from catdog.trainer import embedding_overlaps_fit, fit, fit_while_embedding
+from catdog.training_data import TrainingData, cached_features, decoded_datasets
 
 logger = logging.getLogger(__name__)
 
 BACKBONE_SEED = 0  # fixed, not --seed: the random-init backbone (and its cache) is the same for every seed
-DECODE_BATCH = 32
 
 
 @dataclass
@@ -64,217 +64,6 @@ def _list_data(config: TrainConfig) -> tuple[LabelledImages, LabelledImages]:
     if config.val_data is None:
         return split_train_val(images, config.val_fraction, config.seed)
     return images, list_labelled_images(config.val_data, images.class_names)
-
-
-@dataclass
-class _TrainingData:
-    """What the fit reads (embedding refs or decoded datasets) and what metrics.json reports of it."""
-
-    skipped: list[dict]
-    n_train: int
-    n_val: int
-    feature_refs: dict | None = None  # cached mode: object refs of the train/val embeddings
-    datasets: dict | None = None  # end-to-end mode: Ray Datasets of decoded images
-    cache: dict | None = None
-
-    def check_enough(self, num_workers: int) -> None:
-        if self.n_train < num_workers or self.n_val == 0:
-            raise InputError(f"too few readable images: {self.n_train} train (need >= {num_workers} workers), "
-                             f"{self.n_val} validation")
-
-
-def _decoded_datasets(train: LabelledImages, val: LabelledImages, config: TrainConfig) -> _TrainingData:
-    """End-to-end mode: decoded pixels for the workers, and the files that could not be decoded."""
-    import ray
-
-    from catdog.imaging import read_and_decode
-
-    def decode(batch: dict) -> dict:
-        out = read_and_decode(list(batch["path"]), config.image_size)
-        # an explicit flag: an all-None error column becomes NaNs in numpy batches downstream
-        readable = np.array([error is None for error in out["error"]], dtype=bool)
-        return {"path": batch["path"], "label": batch["label"], "image": out["image"],
-                "readable": readable, "error": np.array([e or "" for e in out["error"]], dtype=object)}
-
-    def decodable(batch: dict, keep_path: bool) -> dict:
-        columns = ["image", "label"] + (["path"] if keep_path else [])  # validation paths: calibration halves
-        return {name: batch[name][batch["readable"]] for name in columns}
-
-    def load(images: LabelledImages, keep_path: bool):
-        table = pa.table({"path": images.paths, "label": pa.array(images.labels, pa.int32())})
-        blocks = [table.slice(i, DECODE_BATCH * 2) for i in range(0, table.num_rows, DECODE_BATCH * 2)]
-        decoded = ray.data.from_blocks(blocks).map_batches(
-            decode, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=config.cpus_per_worker
-        ).materialize()
-        outcomes = decoded.select_columns(["path", "readable", "error"]).take_all()
-        errors = [{"path": row["path"], "error": row["error"]} for row in outcomes if not row["readable"]]
-        kept = decoded.map_batches(decodable, batch_format="numpy", fn_kwargs={"keep_path": keep_path})
-        return kept.materialize(), errors
-
-    (train_ds, train_errors), (val_ds, val_errors) = load(train, keep_path=False), load(val, keep_path=True)
-    skipped = sorted(({"path": e["path"], "error": e["error"]} for e in train_errors + val_errors), key=lambda e: e["path"])
-    return _TrainingData(skipped, train_ds.count(), val_ds.count(), datasets={"train": train_ds, "val": val_ds})
-
-
-def _cached_features(train: LabelledImages, val: LabelledImages, config: TrainConfig, spec, fast_extractor,
-                     fingerprint: str) -> _TrainingData:
-    """Cached mode: embeddings (reused or computed), as object refs of the train/val tables."""
-    import ray
-
-    from catdog.features import build_features
-
-    features = build_features(
-        train, val, spec.to_dict(), fast_extractor, fingerprint, config.feature_cache_dir,
-        use_gpu=config.use_gpu, actors=config.num_workers, cpus_per_actor=config.cpus_per_worker,
-    )
-    # Each worker reads only its own shard of the embeddings from the object store (no Ray Data
-    # split coordinator to start); rank 0 also gets the validation paths, for the calibration halves.
-    refs = shard_refs(features.train.select(["label", "features"]), features.val.select(["label", "features"]),
-                      config.num_workers, config.seed)
-    refs["val_paths"] = ray.put(features.val["path"].combine_chunks())
-    cache = {"location": features.location, "reused": features.reused, "computed": features.computed}
-    return _TrainingData(features.skipped, features.train.num_rows, features.val.num_rows, feature_refs=refs,
-                         cache=cache)
-
-
-def shard_refs(train, val, workers: int, seed: int) -> dict:
-    """Object refs of each worker's shard: train rows dealt out after a seeded shuffle (classes mix),
-    validation rows in contiguous ranges (rank order = table order, for reassembling logits)."""
-    import ray
-
-    order = np.random.default_rng(seed).permutation(train.num_rows)
-    bounds = np.linspace(0, val.num_rows, workers + 1).astype(int)
-    return {"train": [ray.put(train.take(np.sort(order[rank::workers]))) for rank in range(workers)],
-            "val": [ray.put(val.slice(bounds[rank], bounds[rank + 1] - bounds[rank])) for rank in range(workers)]}
-
-
-def _embedding_overlaps_fit(config: TrainConfig) -> bool:
-    """Whether the cluster holds the Train workers and a full embedding actor pool at once.
-
-    Then the embeddings are computed while Ray Train boots its controller and workers (each
-    imports TensorFlow: ~13 s before the first epoch on 2 cores, measured), instead of before.
-    On a smaller cluster the two run one after the other: overlapped, the workers would hold
-    the resources the embedding actors wait for.
-    """
-    import ray
-
-    total = ray.cluster_resources()
-    both = 2 * config.num_workers  # the workers, and at most as many embedding actors
-    if total.get("CPU", 0.0) < both * config.cpus_per_worker:
-        return False
-    return not config.use_gpu or total.get("GPU", 0.0) >= both
-
-
-def _fit_while_embedding(config: TrainConfig, loop_config: dict, run_name: str, embed) -> tuple:
-    """Start the fit at once and compute the embeddings meanwhile, in a thread of this driver.
-
-    The workers wait for the embeddings at a `FeatureHandoff` actor. When `embed` fails, the
-    workers fail with it and the embedding error (an InputError: exit 2) is what is raised.
-
-    Returns:
-        (Ray Train result, worker log path, _TrainingData, seconds the embeddings took).
-    """
-    import threading
-
-    import ray
-
-    from catdog.features import FeatureHandoff
-
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    # On the driver's node: a worker node lost mid-fit must not take the handoff with it.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    handoff = ray.remote(num_cpus=0)(FeatureHandoff).options(scheduling_strategy=here).remote()
-    outcome: dict = {}
-
-    def embed_and_hand_off() -> None:
-        step = time.perf_counter()
-        try:
-            data = embed()
-            data.check_enough(config.num_workers)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread below
-            outcome["error"] = exc
-            handoff.fail.remote(f"{type(exc).__name__}: {exc}")
-            return
-        outcome["data"], outcome["seconds"] = data, time.perf_counter() - step
-        handoff.put.remote(data.feature_refs)  # refs nested in a dict travel as refs
-
-    # A daemon thread: Ctrl-C during the fit must not wait for the embedding pass to finish.
-    thread = threading.Thread(target=embed_and_hand_off, name="catdog-embeddings", daemon=True)
-    thread.start()
-    try:
-        result, worker_log = _fit(config, {**loop_config, "feature_handoff": handoff}, None, run_name)
-    except Exception:
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"] from None
-        raise
-    thread.join()  # the fit ended, so the workers got the embeddings: the thread has put them
-    return result, worker_log, outcome["data"], outcome["seconds"]
-
-
-def trainer_class():
-    """`TensorflowTrainer` without the Ray Train V2 callbacks that only cost time here.
-
-    - PlacementGroupCleaner: in Ray 2.60 it stalls every fit for ~15 s at shutdown ("Failed to
-      stop PlacementGroupCleaner gracefully", a GetTimeoutError; measured: a 3-report no-op fit
-      takes 27 s with it, 12.5 s without). It only matters when the Train controller dies while
-      its driver lives on; then the driver's `fit()` fails, the job ends, and Ray removes the
-      job's placement groups anyway.
-    - Datasets, when the trainer has no datasets (cached mode reads its embeddings from the object
-      store): it still starts a DatasetManager actor, one more Python process to boot (~2 s of
-      CPU) before the first epoch.
-    Falls back to the stock trainer if Ray's internals move.
-    """
-    from ray.train.tensorflow import TensorflowTrainer
-
-    try:
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    except ImportError:
-        return TensorflowTrainer
-    if not hasattr(TensorflowTrainer, "_create_default_callbacks"):
-        return TensorflowTrainer
-
-    class CatdogTensorflowTrainer(TensorflowTrainer):
-        def _create_default_callbacks(self):
-            unwanted = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
-            return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, unwanted)]
-
-    return CatdogTensorflowTrainer
-
-
-def _fit(config: TrainConfig, loop_config: dict, datasets: dict | None, run_name: str):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.v2.api.config import LoggingConfig
-
-    from catdog.ray_session import worker_runtime_env
-    from catdog.train_config import PLACEMENTS
-    from catdog.train_loop import train_loop_per_worker
-    from catdog.worker_log import WorkerReportLog
-
-    run = RunFolder(config.output)
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
-    trainer = trainer_class()(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=PLACEMENTS[config.placement]),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=run.checkpoint_storage(),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
-            ),
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            callbacks=[WorkerReportLog(run.worker_log(run_name))],
-            worker_runtime_env=worker_runtime_env(),
-            logging_config=LoggingConfig(log_level="WARNING"),  # no per-report "Checkpoint created" lines
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]) if datasets else None,
-    )
-    return trainer.fit(), run.worker_log(run_name)
 
 
 def _load_backbone(config: TrainConfig, num_classes: int):
@@ -370,22 +159,22 @@ def train(config: TrainConfig) -> TrainResult:
     run_name = f"train-{run_id}"
     step = time.perf_counter()
 
-    def embed() -> _TrainingData:
-        return _cached_features(train_images, val_images, config, spec, fast_extractor, fingerprint)
+    def embed() -> TrainingData:
+        return cached_features(train_images, val_images, config, spec, fast_extractor, fingerprint)
 
-    overlapped = config.mode == "cached" and _embedding_overlaps_fit(config)
+    overlapped = config.mode == "cached" and embedding_overlaps_fit(config)
     if overlapped:
         # ---- embeddings and the data-parallel fit's start-up, side by side ------------------------
         logger.info("Computing embeddings while Ray Train starts its workers")
-        result, worker_log, data, timings["data_s"] = _fit_while_embedding(config, loop_config, run_name, embed)
+        result, worker_log, data, timings["data_s"] = fit_while_embedding(config, loop_config, run_name, embed)
         timings["training_s"] = time.perf_counter() - step
     else:
-        data = embed() if config.mode == "cached" else _decoded_datasets(train_images, val_images, config)
+        data = embed() if config.mode == "cached" else decoded_datasets(train_images, val_images, config)
         timings["data_s"] = time.perf_counter() - step
         data.check_enough(config.num_workers)
         # ---- data-parallel fit --------------------------------------------------------------------
         step = time.perf_counter()
-        result, worker_log = _fit(config, {**loop_config, "feature_refs": data.feature_refs}, data.datasets, run_name)
+        result, worker_log = fit(config, {**loop_config, "feature_refs": data.feature_refs}, data.datasets, run_name)
         timings["training_s"] = time.perf_counter() - step
     if data.cache is not None:
         data.cache["alongside_ray_train_start"] = overlapped

@@ -78,7 +78,7 @@ def summarise_worker_reports(events: list[dict], num_workers: int) -> dict:
 # each worker (written before any log level applies); Ray Train's per-report echo of every metric
 # (catdog's rank 0 logs one line per epoch instead) and Ray Data's per-epoch start/finish lines of
 # each worker's shard. (Train V2's placement-group cleaner, which warned with tracebacks on a local
-# Ray without a dashboard, is not started at all: catdog.training.trainer_class.)
+# Ray without a dashboard, is not started at all: catdog.trainer.trainer_class.)
 _WORKER_NOISE = re.compile(
     r"^(I0000 00:00|E0000 00:00|W0000 00:00|WARNING: All log messages before absl)"
     r"|has constructor arguments in the object store and max_restarts > 0"
