@@ -6,7 +6,7 @@ custom loop: `strategy.run(step)` inside a `tf.function`, per-example losses ave
 all-reduced across workers.
 
 Cached mode: each worker reads only its own shard of the embeddings from the object store
-(`catdog.training.shard_refs`), reshuffled within the shard each epoch (`catdog.embedding_shards`),
+(`catdog.training_data.shard_refs`), reshuffled within the shard each epoch (`catdog.embedding_shards`),
 and evaluates its own contiguous range of the validation rows; loss and accuracy are summed over
 workers, so all take the same early-stopping decision on the same numbers, and rank 0 gathers the
 validation logits (not the embeddings) at the end. Memory per worker: its 1/N of the embeddings.

@@ -110,7 +110,7 @@ def _embeddings(n: int, width: int = 4):
 
 def test_each_worker_gets_only_its_disjoint_shard_and_the_shards_cover_the_data(ray_cluster):
     from catdog.embedding_shards import embedding_arrays
-    from catdog.training import shard_refs
+    from catdog.training_data import shard_refs
 
     n, width, world = 23, 4, 3
     train, val = _embeddings(n, width), _embeddings(10, width)
@@ -388,10 +388,10 @@ def test_real_photos_produce_every_artifact(ray_cluster, real_photos, tmp_path):
 
 
 def test_embeddings_overlap_the_fit_only_when_workers_and_embedding_actors_fit_together(ray_cluster):
-    from catdog.training import _embedding_overlaps_fit
+    from catdog.trainer import embedding_overlaps_fit
 
     def overlaps(**settings) -> bool:
-        return _embedding_overlaps_fit(TrainConfig(data="d", output="o", **settings))
+        return embedding_overlaps_fit(TrainConfig(data="d", output="o", **settings))
 
     assert ray_cluster.cluster_resources()["CPU"] == 2
     assert overlaps(num_workers=1, cpus_per_worker=0.5) and overlaps(num_workers=2, cpus_per_worker=0.5)
@@ -420,7 +420,7 @@ def test_too_few_readable_images_found_while_the_fit_starts_fail_with_the_data_e
 
 
 def test_ray_train_workarounds_reach_the_controller_and_drop_the_stalling_cleaner(ray_cluster):
-    """Ray 2.60 Train V2 costs, pinned (README of the workarounds: catdog/training.py and
+    """Ray 2.60 Train V2 costs, pinned (README of the workarounds: catdog/trainer.py and
     catdog/process_env.py): the PlacementGroupCleaner callback (a ~15 s stall at every fit's end) and,
     without datasets, the Datasets callback are dropped; the controller's 2 s poll, which each
     per-epoch report waits for, is shortened and a local Ray's preemption watcher is off, both
@@ -432,7 +432,7 @@ def test_ray_train_workarounds_reach_the_controller_and_drop_the_stalling_cleane
 
     from catdog.process_env import LOCAL_RAY_ENV, SPEED_ENV
     from catdog.ray_session import worker_runtime_env
-    from catdog.training import trainer_class
+    from catdog.trainer import trainer_class
 
     def kinds(trainer) -> set[type]:
         return {type(callback) for callback in trainer._create_default_callbacks()}
