@@ -64,10 +64,12 @@ class Buckets:
             return
         table = pa.concat_tables(self._pending)
         self._pending, self._pending_rows = [], 0
-        ids = bucket_ids(table[PATH_COLUMN], self.count)
-        order = np.argsort(ids, kind="stable")
-        table = table.take(pa.array(order))
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(ids, minlength=self.count))])
+        if self.count == 1:  # nothing to split: no hashing, no reordered copy
+            bounds = np.array([0, table.num_rows])
+        else:
+            ids = bucket_ids(table[PATH_COLUMN], self.count)
+            table = table.take(pa.array(np.argsort(ids, kind="stable")))
+            bounds = np.concatenate([[0], np.cumsum(np.bincount(ids, minlength=self.count))])
         for bucket in range(self.count):
             start, stop = int(bounds[bucket]), int(bounds[bucket + 1])
             if stop > start:
@@ -177,7 +179,8 @@ def account(listing: Buckets, rows: Buckets, kept_unlisted: Buckets | None = Non
         in_listing_mask = pc.is_in(paths, value_set=listed)
         in_listing = pc.sum(in_listing_mask).as_py() or 0
         kept_rows = pc.sum(pc.is_in(paths, value_set=kept)).as_py() or 0
-        found = pc.sum(pc.is_in(listed, value_set=paths)).as_py() or 0 if len(listed) else 0
+        # listed paths that have a row: the distinct paths among the rows of listed paths
+        found = in_listing if distinct == len(paths) else pc.count_distinct(paths.filter(in_listing_mask)).as_py()
         verdict.listed += len(listed)
         verdict.rows += len(paths)
         verdict.duplicates += len(paths) - distinct

@@ -230,10 +230,9 @@ def _check_cluster(config: ScoreConfig, source: inputs.InputSource) -> None:
 
 def _account(folder: PredictionsFolder, outcome: _Outcome, run_id: str) -> dict:
     """Accounting; a late write of an interrupted run (every row scored again) is dropped first."""
-    kept = outcome.kept_unlisted
 
     def check() -> dict:
-        return folder.account(kept_unlisted=kept.tables() if kept is not None else None, listed_rows=outcome.listed)
+        return _account_beside_driver(folder, outcome.kept_unlisted, outcome.listed)
 
     try:
         return check()
@@ -241,6 +240,40 @@ def _account(folder: PredictionsFolder, outcome: _Outcome, run_id: str) -> dict:
         if not folder.drop_superseded_files(failed.duplicated_paths, run_id):
             raise
         return check()
+
+
+def _account_beside_driver(folder: PredictionsFolder, kept_unlisted, listed_rows: int) -> dict:
+    """`PredictionsFolder.account` in a one-shot Ray task on this node when Ray runs, else here.
+
+    The set work holds one bucket of paths (`catdog.ledger`); in a worker that exits afterwards,
+    that bounded buffer never becomes the driver's: the driver's memory stays flat as the input
+    grows (benchmarks/README.md, Huge inputs). Errors come back as the task raised them.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return folder.account(kept_unlisted=kept_unlisted.tables() if kept_unlisted is not None else None,
+                              listed_rows=listed_rows)
+    from ray.exceptions import RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # This node: a local output and the resume's scratch buckets are read where the driver wrote them.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_account_in_worker).options(scheduling_strategy=here)
+    try:
+        return ray.get(task.remote(folder.location, kept_unlisted, listed_rows))
+    except RayTaskError as failed:
+        if isinstance(failed.cause, Exception):
+            raise failed.cause from None
+        raise
+
+
+def _account_in_worker(location: str, kept_unlisted, listed_rows: int) -> dict:
+    # A one-shot process: the system allocator returns each bucket's pages at once, where
+    # mimalloc's per-thread heaps would keep them until exit and add up to a higher peak.
+    pa.set_memory_pool(pa.system_memory_pool())
+    tables = kept_unlisted.tables() if kept_unlisted is not None else None
+    return PredictionsFolder(location).account(kept_unlisted=tables, listed_rows=listed_rows)
 
 
 def _report_changed_input(plan: ledger.ResumeCounts, config: ScoreConfig) -> None:

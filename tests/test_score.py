@@ -259,6 +259,26 @@ def test_a_late_write_of_a_killed_run_is_dropped_when_the_resumed_run_rescored_i
     assert kept.exists() and folder.account(listed)["rows_written"] == 4
 
 
+def test_accounting_runs_in_a_one_shot_worker_and_its_verdicts_come_back_whole(tmp_path, ray_cluster):
+    """With Ray up, accounting runs off the driver; a failed verdict still names the repeated
+    paths (the late-write recovery needs them) and kept unlisted rows still count."""
+    from catdog import ledger
+    from catdog.scoring import _account_beside_driver
+
+    out = tmp_path / "out"
+    _write_part(out, ["/a.jpg", "/b.jpg", "/old.jpg"], 0)
+    folder = PredictionsFolder(str(out))
+    for index, paths in enumerate((["/a.jpg"], ["/b.jpg"])):
+        folder.write_listing_chunk(index, pa.table({"path": paths}))
+    kept = ledger.split([pa.table({"path": ["/old.jpg"]})], str(tmp_path / "kept"), 1, pa.schema([("path", pa.string())]))
+    counts = _account_beside_driver(folder, kept, listed_rows=2)
+    assert (counts["rows_written"], counts["rows_not_in_listing"]) == (2, 1)
+    _write_part(out, ["/b.jpg"], 1)
+    with pytest.raises(output.AccountingError, match="1 duplicates") as failed:
+        _account_beside_driver(folder, kept, listed_rows=2)
+    assert failed.value.duplicated_paths.to_pylist() == ["/b.jpg"]
+
+
 # ---- slow: the pipeline on the session's Ray cluster ----
 
 @pytest.fixture(scope="module")
