@@ -48,6 +48,18 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
 
 
+def entrypoint(parse_args: Callable[[list[str] | None], argparse.Namespace],
+               run: Callable[[argparse.Namespace], object]) -> Callable[[list[str] | None], None]:
+    """A job's `main(argv)`: parse, configure logging from --verbose, `run(args)`, exit with its code."""
+
+    def main(argv: list[str] | None = None) -> None:
+        args = parse_args(argv)
+        configure_logging(args.verbose)
+        run_job(lambda: run(args))
+
+    return main
+
+
 def run_job(job: Callable[[], object]) -> None:
     """Run a job's main function and exit: 0 on success, 2 on a user mistake, 1 otherwise."""
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from catdog.cli import add_common_arguments, configure_logging, run_job
+from catdog.cli import add_common_arguments, entrypoint
 from catdog.demo import DemoConfig, run_demo
 
 
@@ -26,23 +26,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    configure_logging(args.verbose)
-    config = DemoConfig(
-        workdir=args.workdir,
-        images_per_class=args.images_per_class,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        num_workers=args.num_workers,
-        overwrite=args.overwrite,
-    )
+def run(args: argparse.Namespace) -> None:
+    summary = run_demo(DemoConfig(
+        workdir=args.workdir, images_per_class=args.images_per_class, image_size=args.image_size,
+        epochs=args.epochs, num_workers=args.num_workers, overwrite=args.overwrite,
+    ))
+    print("\nDemo summary:\n" + json.dumps(summary, indent=2))
 
-    def job() -> None:
-        summary = run_demo(config)
-        print("\nDemo summary:\n" + json.dumps(summary, indent=2))
 
-    run_job(job)
+main = entrypoint(parse_args, run)
 
 
 if __name__ == "__main__":

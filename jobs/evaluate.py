@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from catdog.cli import add_common_arguments, add_predictor_arguments, configure_logging, run_job
+from catdog.cli import add_common_arguments, add_predictor_arguments, entrypoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,22 +32,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    configure_logging(args.verbose)
+def run(args: argparse.Namespace) -> None:
+    from catdog.evaluation import EvaluateConfig, evaluate
+    from catdog.tracking import resolve_model
 
-    def job() -> None:
-        from catdog.evaluation import EvaluateConfig, evaluate
-        from catdog.tracking import resolve_model
+    model, model_uri = resolve_model(args.model, args.mlflow_uri)  # models:/, runs:/: a downloaded copy
+    evaluate(EvaluateConfig(
+        model=model, model_uri=model_uri, data=args.data, output=args.output, overwrite=args.overwrite,
+        bins=args.bins, mistakes=args.mistakes, batch_size=args.batch_size, num_workers=args.num_workers,
+        precision=args.precision, use_gpu=args.use_gpu, ray_address=args.ray_address,
+    ))
 
-        model, model_uri = resolve_model(args.model, args.mlflow_uri)  # models:/, runs:/: a downloaded copy
-        evaluate(EvaluateConfig(
-            model=model, model_uri=model_uri, data=args.data, output=args.output, overwrite=args.overwrite,
-            bins=args.bins, mistakes=args.mistakes, batch_size=args.batch_size, num_workers=args.num_workers,
-            precision=args.precision, use_gpu=args.use_gpu, ray_address=args.ray_address,
-        ))
 
-    run_job(job)
+main = entrypoint(parse_args, run)
 
 
 if __name__ == "__main__":

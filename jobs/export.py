@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from catdog.cli import add_common_arguments, configure_logging, run_job
+from catdog.cli import add_common_arguments, entrypoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,16 +26,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    configure_logging(args.verbose)
+def run(args: argparse.Namespace) -> None:
+    from catdog.export import ExportConfig, export_model
 
-    def job() -> None:
-        from catdog.export import ExportConfig, export_model
+    export_model(ExportConfig(model=args.model, output=args.output, overwrite=args.overwrite))
 
-        export_model(ExportConfig(model=args.model, output=args.output, overwrite=args.overwrite))
 
-    run_job(job)
+main = entrypoint(parse_args, run)
 
 
 if __name__ == "__main__":

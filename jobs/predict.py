@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from catdog.cli import add_common_arguments, configure_logging, run_job
+from catdog.cli import add_common_arguments, entrypoint
 from catdog.model_options import PRECISIONS
 
 
@@ -32,16 +32,13 @@ def format_prediction(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    configure_logging(args.verbose)
+def run(args: argparse.Namespace) -> None:
+    from catdog.predictor import predict_image
 
-    def job() -> None:
-        from catdog.predictor import predict_image
+    print(format_prediction(predict_image(args.model, args.image, args.precision, args.max_image_pixels)))
 
-        print(format_prediction(predict_image(args.model, args.image, args.precision, args.max_image_pixels)))
 
-    run_job(job)
+main = entrypoint(parse_args, run)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from catdog.cli import add_common_arguments, configure_logging, run_job
+from catdog.cli import add_common_arguments, entrypoint
 from catdog.report import ReportConfig, format_report, report
 
 
@@ -26,15 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    configure_logging(args.verbose)
+def run(args: argparse.Namespace) -> None:
+    config = ReportConfig(args.predictions, threshold=args.threshold, output=args.output, bins=args.bins)
+    print(format_report(report(config)))
 
-    def job() -> None:
-        config = ReportConfig(args.predictions, threshold=args.threshold, output=args.output, bins=args.bins)
-        print(format_report(report(config)))
 
-    run_job(job)
+main = entrypoint(parse_args, run)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from catdog.cli import add_common_arguments, add_predictor_arguments, configure_logging, run_job
+from catdog.cli import add_common_arguments, add_predictor_arguments, entrypoint
 from catdog.cluster_checks import SHARED_STORAGE_FLAG, SHARED_STORAGE_HELP
 from catdog.score_config import DEFAULT_WAIT_FOR_WORKERS_S
 
@@ -65,33 +65,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    configure_logging(args.verbose)
+def run(args: argparse.Namespace) -> None:
+    from catdog.score_config import ScoreConfig
+    from catdog.scoring import score
+    from catdog.tracking import resolve_model
 
-    def job() -> None:
-        from catdog.score_config import ScoreConfig
-        from catdog.scoring import score
-        from catdog.tracking import resolve_model
+    model, model_uri = resolve_model(args.model, args.mlflow_uri)  # models:/, runs:/: a downloaded copy
+    optional = {name: getattr(args, name) for name in ("max_image_pixels", "max_file_bytes", "rows_per_file")
+                if getattr(args, name) is not None}
+    plan_or_score = score
+    if args.dry_run:
+        from catdog.dry_run import plan_score as plan_or_score
+    summary = plan_or_score(ScoreConfig(
+        model=model, model_uri=model_uri, input=args.input, output=args.output, precision=args.precision,
+        use_gpu=args.use_gpu, gpus_per_worker=args.gpus_per_worker, num_workers=args.num_workers,
+        min_workers=args.min_workers, max_workers=args.max_workers, batch_size=args.batch_size,
+        overwrite=args.overwrite, resume=args.resume, drop_unlisted=args.drop_unlisted,
+        partition_by=args.partition_by, follow_symlinks=args.follow_symlinks, ray_address=args.ray_address,
+        assume_shared_storage=args.assume_shared_storage, wait_for_workers_s=args.wait_for_workers,
+        top_k=args.top_k, embeddings=args.embeddings, **optional,
+    ))
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
 
-        model, model_uri = resolve_model(args.model, args.mlflow_uri)  # models:/, runs:/: a downloaded copy
-        optional = {name: getattr(args, name) for name in ("max_image_pixels", "max_file_bytes", "rows_per_file")
-                    if getattr(args, name) is not None}
-        run = score
-        if args.dry_run:
-            from catdog.dry_run import plan_score as run
-        summary = run(ScoreConfig(
-            model=model, model_uri=model_uri, input=args.input, output=args.output, precision=args.precision,
-            use_gpu=args.use_gpu, gpus_per_worker=args.gpus_per_worker, num_workers=args.num_workers,
-            min_workers=args.min_workers, max_workers=args.max_workers, batch_size=args.batch_size,
-            overwrite=args.overwrite, resume=args.resume, drop_unlisted=args.drop_unlisted,
-            partition_by=args.partition_by, follow_symlinks=args.follow_symlinks, ray_address=args.ray_address,
-            assume_shared_storage=args.assume_shared_storage, wait_for_workers_s=args.wait_for_workers,
-            top_k=args.top_k, embeddings=args.embeddings, **optional,
-        ))
-        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
 
-    run_job(job)
+main = entrypoint(parse_args, run)
+
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 
-from catdog.cli import add_common_arguments, configure_logging, run_job
+from catdog.cli import add_common_arguments, entrypoint
 from catdog.cluster_checks import SHARED_STORAGE_FLAG, SHARED_STORAGE_HELP
 from catdog.model_options import HEADS
 from catdog.train_config import MODES, PLACEMENTS, TrainConfig
@@ -66,17 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k != "verbose"})
-    configure_logging(args.verbose)
+def run(args: argparse.Namespace) -> None:
+    from catdog.training import train
 
-    def job():
-        from catdog.training import train
+    train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "verbose"}))
 
-        return train(config)
 
-    run_job(job)
+main = entrypoint(lambda argv: build_parser().parse_args(argv), run)
 
 
 if __name__ == "__main__":
