@@ -37,6 +37,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from benchmarks import score_bench  # noqa: E402 - after the path set-up
+from benchmarks.process_stats import child_pids, cpu_seconds  # noqa: E402
 from multinode import MultiNodeCluster  # noqa: E402
 
 PREDICTOR_CLASS = "MapWorker(MapBatches(Predictor))"
@@ -68,26 +69,6 @@ def steady_state(out: Path) -> dict:
             "steady_images_per_s": round(after_first / seconds, 2) if seconds > 0 else None}
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                kids += [int(k) for k in f.read().split()]
-    except OSError:
-        pass
-    return kids
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 class CpuMeter(threading.Thread):
     """CPU seconds used during a run by the job's process tree and every process of one cluster
     (those naming its temp dir, and their descendants: Ray workers retitle themselves), sampled
@@ -116,12 +97,12 @@ class CpuMeter(threading.Thread):
             pid = todo.pop()
             if pid not in seen:
                 seen.add(pid)
-                todo += _children(pid)
+                todo += child_pids(pid)
         return list(seen)
 
     def _sample(self, baseline: bool = False) -> None:
         for pid in self._pids():
-            cpu = _cpu_seconds(pid)
+            cpu = cpu_seconds(pid)
             self.first.setdefault(pid, cpu if baseline else 0.0)
             self.last[pid] = max(self.last.get(pid, 0.0), cpu)
 

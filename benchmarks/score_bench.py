@@ -35,50 +35,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.process_stats import cpu_seconds, process_tree, rss_bytes  # noqa: E402 - after the path set-up
+
 PHOTOS = ROOT.parent / "shared" / "data" / "catdog-dev"
 RESULTS = ROOT / "benchmarks" / "results"
 PRECISIONS = ("float32", "bfloat16")
 TUTORIAL_BATCH_SIZE = 32  # the tutorial's image_dataset_from_directory default
-
-
-# ---- process-tree memory --------------------------------------------------------------------
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                kids += [int(k) for k in f.read().split()]
-    except OSError:
-        pass
-    return kids
-
-
-def _tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        todo += _children(current)
-    return pids
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process so far (its threads included)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def run_measured(command: list[str], env: dict | None = None, timeout: float = 3600) -> dict:
@@ -92,10 +56,10 @@ def run_measured(command: list[str], env: dict | None = None, timeout: float = 3
                                text=True, start_new_session=True)
     peak, cpu = 0, {}
     while process.poll() is None:
-        tree = _tree(process.pid)
-        peak = max(peak, sum(_rss_bytes(p) for p in tree))
+        tree = process_tree(process.pid)
+        peak = max(peak, sum(rss_bytes(p) for p in tree))
         for pid in tree:
-            cpu[pid] = max(cpu.get(pid, 0.0), _cpu_seconds(pid))
+            cpu[pid] = max(cpu.get(pid, 0.0), cpu_seconds(pid))
         if time.monotonic() - started > timeout:
             process.kill()
         time.sleep(0.2)
