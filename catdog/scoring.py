@@ -252,8 +252,7 @@ def _account_beside_driver(folder: PredictionsFolder, kept_unlisted, listed_rows
     import ray
 
     if not ray.is_initialized():
-        return folder.account(kept_unlisted=kept_unlisted.tables() if kept_unlisted is not None else None,
-                              listed_rows=listed_rows)
+        return _account_here(folder, kept_unlisted, listed_rows)
     from ray.exceptions import RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -272,8 +271,12 @@ def _account_in_worker(location: str, kept_unlisted, listed_rows: int) -> dict:
     # A one-shot process: the system allocator returns each bucket's pages at once, where
     # mimalloc's per-thread heaps would keep them until exit and add up to a higher peak.
     pa.set_memory_pool(pa.system_memory_pool())
-    tables = kept_unlisted.tables() if kept_unlisted is not None else None
-    return PredictionsFolder(location).account(kept_unlisted=tables, listed_rows=listed_rows)
+    return _account_here(PredictionsFolder(location), kept_unlisted, listed_rows)
+
+
+def _account_here(folder: PredictionsFolder, kept_unlisted, listed_rows: int) -> dict:
+    return folder.account(kept_unlisted=kept_unlisted.tables() if kept_unlisted is not None else None,
+                          listed_rows=listed_rows)
 
 
 def _report_changed_input(plan: ledger.ResumeCounts, config: ScoreConfig) -> None:
