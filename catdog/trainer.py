@@ -114,6 +114,7 @@ def fit(config: TrainConfig, loop_config: dict, datasets: dict | None, run_name:
     from ray.train.v2.api.config import LoggingConfig
 
     from catdog.ray_session import worker_runtime_env
+    from catdog.tf_backend import TensorflowWorkersConfig
     from catdog.train_config import PLACEMENTS
     from catdog.train_loop import train_loop_per_worker
     from catdog.worker_log import WorkerReportLog
@@ -123,6 +124,7 @@ def fit(config: TrainConfig, loop_config: dict, datasets: dict | None, run_name:
     trainer = trainer_class()(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        tensorflow_config=TensorflowWorkersConfig(),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources,
                                      placement_strategy=PLACEMENTS[config.placement]),
         run_config=RunConfig(

@@ -184,7 +184,8 @@ def test_a_full_object_store_spills_and_scoring_completes(slow_model_run, real_p
     spills to disk and the job completes exactly (no crash, no lost rows)."""
     port = _free_port()
     env = {**_clean_env(), "RAY_AUTH_MODE": "token"}  # clients of a `ray start` head send the token
-    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+    ray_cli = str(Path(sys.executable).with_name("ray"))  # this interpreter's Ray, on PATH or not
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              "--object-store-memory=100000000", "--include-dashboard=false",
                              "--node-ip-address=127.0.0.1"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

@@ -456,3 +456,34 @@ def test_ray_train_workarounds_reach_the_controller_and_drop_the_stalling_cleane
     # inherited, not a job runtime_env: tasks and actors can run in the workers Ray prestarts
     assert json.loads(ray_cluster.get_runtime_context().get_runtime_env_string() or "{}") == {}
     assert worker_runtime_env() is None
+
+
+@pytest.mark.slow
+def test_workers_get_tf_config_from_a_controller_that_never_loads_tensorflow(ray_cluster, tmp_path):
+    """catdog.tf_backend: each of two workers gets Ray's TF_CONFIG (every worker's address, its own
+    rank), and the Train controller, which unpickles the backend config, has no TensorFlow loaded
+    (with Ray's TensorflowConfig it has)."""
+    from ray.train import RunConfig, ScalingConfig
+
+    from catdog.tf_backend import TensorflowWorkersConfig
+    from catdog.trainer import trainer_class
+
+    def loop(config: dict) -> None:
+        import ray.train
+
+        # the live controller: its process title names its class (one fit runs at a time here)
+        [maps] = [(entry / "maps").read_text() for entry in Path("/proc").iterdir() if entry.name.isdigit()
+                  and (entry / "cmdline").read_bytes().startswith(b"ray::TrainController")]
+        rank = ray.train.get_context().get_world_rank()
+        Path(config["out"], f"{rank}.json").write_text(json.dumps(
+            {"tf_config": json.loads(os.environ["TF_CONFIG"]), "controller_loaded_tensorflow": "tensorflow" in maps}))
+
+    trainer_class()(loop, train_loop_config={"out": str(tmp_path)}, tensorflow_config=TensorflowWorkersConfig(),
+                    scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
+                    run_config=RunConfig(storage_path=str(tmp_path / "storage"), name="tf-config")).fit()
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    addresses = seen[0]["tf_config"]["cluster"]["worker"]
+    assert len(addresses) == 2 and len(set(addresses)) == 2 and all(a.startswith("127.0.0.1:") for a in addresses)
+    for rank, worker in enumerate(seen):
+        assert worker["tf_config"] == {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": rank}}
+        assert worker["controller_loaded_tensorflow"] is False
