@@ -142,16 +142,31 @@ def tiny_model_run(tmp_path_factory) -> Path:
     return write_model_run(tmp_path_factory.mktemp("tiny-run"))
 
 
+_started_multinode: list = []  # the session's multi-node cluster, once a test asked for it
+
+
 @pytest.fixture(scope="session")
 def multinode():
     """A real multi-node Ray cluster on 127.0.0.1, shared by the session (tests/multinode.py): a head
     that takes no tasks, like cluster.yaml's, and three 1-CPU worker nodes. Jobs under test run as
     subprocesses with `env=multinode.job_env()`; a test that removes nodes starts with
-    `multinode.ensure_worker_nodes()` or ends with it, so the next test finds three again."""
+    `multinode.ensure_worker_nodes()` or ends with it, so the next test finds three again.
+
+    Stopped after the last test that uses it (pytest_runtest_teardown below): its four nodes' Ray
+    processes would otherwise keep polling through the rest of the session."""
     from multinode import MultiNodeCluster
 
     with MultiNodeCluster(worker_nodes=3, cpus_per_node=1) as cluster:
+        _started_multinode.append(cluster)
         yield cluster
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if not _started_multinode or "multinode" not in getattr(item, "fixturenames", ()):
+        return
+    later = item.session.items[item.session.items.index(item) + 1:]
+    if not any("multinode" in getattr(other, "fixturenames", ()) for other in later):
+        _started_multinode.pop().stop()  # stop() is idempotent: the fixture's own exit finds it stopped
 
 
 # ---- the session's trained run and its feature cache --------------------------------------------

@@ -116,15 +116,16 @@ def test_killed_predictor_actor_is_restarted_and_no_row_is_lost_or_doubled(ray_c
 
 
 @pytest.mark.slow
-def test_sigkilled_driver_then_resume_ends_with_exact_rows(slow_model_run, real_photos, ray_job_env, tmp_path):
+def test_sigkilled_driver_then_resume_ends_with_exact_rows(ray_cluster, slow_model_run, real_photos, tmp_path, capsys):
     """The killed run drives a local Ray of its own (the driver's crash takes that Ray with it); the
-    resumed run joins the session's Ray, as a re-submitted job joins its cluster."""
+    resumed run joins the session's Ray, as a re-submitted job joins its cluster (in this process:
+    `python -m jobs.score` run as `__main__`)."""
     out = tmp_path / "preds"
     manifest, expected = _photo_manifest(real_photos, "cats", tmp_path / "cats.parquet")
-    command = [sys.executable, "-m", "jobs.score", "--model", str(slow_model_run), "--input",
-               str(manifest), "--output", str(out), "--batch-size", "8", "--rows-per-file", "8"]
-    first = subprocess.Popen(command, cwd=ROOT, env=_clean_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, start_new_session=True)
+    arguments = ["--model", str(slow_model_run), "--input", str(manifest), "--output", str(out),
+                 "--batch-size", "8", "--rows-per-file", "8"]
+    first = subprocess.Popen([sys.executable, "-m", "jobs.score", *arguments], cwd=ROOT, env=_clean_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait_for(lambda: _readable_rows(out) > 0 or first.poll() is not None, 300, "the first part file")
         assert first.poll() is None, first.stderr.read()[-3000:]
@@ -135,9 +136,9 @@ def test_sigkilled_driver_then_resume_ends_with_exact_rows(slow_model_run, real_
         assert 0 < partial < expected
         assert not (out / output.SUCCESS_FILE).exists()  # readers can tell it is partial
 
-        resumed = subprocess.run([*command, "--resume"], cwd=ROOT, env=ray_job_env, capture_output=True,
-                                 text=True, timeout=600, start_new_session=True)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        capsys.readouterr()
+        assert run_job_module("jobs.score", *arguments, "--resume") == 0, capsys.readouterr().err[-3000:]
+        printed = capsys.readouterr().out
     finally:
         _kill_group(first.pid)
     summary = json.loads((out / output.SUCCESS_FILE).read_text())
@@ -145,7 +146,8 @@ def test_sigkilled_driver_then_resume_ends_with_exact_rows(slow_model_run, real_
     assert 0 < summary["rows_from_earlier_runs"] < expected
     assert summary["rows_scored_this_run"] == expected - summary["rows_from_earlier_runs"]
     assert _rows_and_duplicates(out) == (expected, 0)
-    assert json.loads(resumed.stdout)["rows_written"] == expected  # the job prints the same summary
+    start = printed.index("{")
+    assert json.JSONDecoder().raw_decode(printed, start)[0]["rows_written"] == expected  # the job prints the summary
 
 
 def _kill_group(pid: int) -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,6 @@ from catdog.dataset import list_labelled_images, split_train_val
 from catdog.train_config import TrainConfig
 from conftest import job_lines, run_job_module
 
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = ["model.keras", "classes.json", "config.json", "metrics.json", "history.csv", "curves.png"]
 
 
@@ -315,15 +312,14 @@ def test_saved_model_scores_validation_images_with_the_fitted_temperature(two_wo
 
 @pytest.mark.slow
 def test_second_run_from_the_command_line_reuses_the_feature_cache(two_worker_run, training_data, feature_cache,
-                                                                   ray_job_env, tmp_path):
+                                                                   tmp_path, capsys):
     changed = training_data / "cats" / "cats_0003.jpg"
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))  # "edited"
     output = tmp_path / "again"
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.train", "--data", str(training_data), "--output", str(output), "--weights", "none",
-         "--image-size", "32", "--epochs", "1", "--num-workers", "1", "--cache-dir", str(feature_cache)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=ray_job_env)  # joins the session's Ray
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # `python -m jobs.train` as `__main__` in this process, on the session's Ray
+    code = run_job_module("jobs.train", "--data", str(training_data), "--output", str(output), "--weights", "none",
+                          "--image-size", "32", "--epochs", "1", "--num-workers", "1", "--cache-dir", str(feature_cache))
+    assert code == 0, capsys.readouterr().err[-3000:]
     metrics = _read(output, "metrics.json")
     assert metrics["cache"]["reused"] == 81 and metrics["cache"]["computed"] == 1  # only the edited file
     assert metrics["data"]["skipped"] == 2  # unreadable files are remembered too, not retried
@@ -374,7 +370,7 @@ def test_real_photos_produce_every_artifact(ray_cluster, real_photos, tmp_path):
     output = tmp_path / "real"
     # 1.5 CPUs per worker: the worker and an embedding actor do not fit 2 CPUs together, so the
     # embeddings are computed first and the fit starts after (the other tests overlap the two)
-    train(TrainConfig(data=str(real_photos), output=str(output), weights="none", image_size=64, epochs=2,
+    train(TrainConfig(data=str(real_photos), output=str(output), weights="none", image_size=32, epochs=2,
                       num_workers=1, cpus_per_worker=1.5, cache_dir=str(tmp_path / "cache")))
     for name in ARTIFACTS:
         assert (output / name).stat().st_size > 0, name
