@@ -99,16 +99,21 @@ class FeatureEmbedder:
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        decoded = imaging.read_and_decode(batch.column("path").to_pylist(), self.image_size)
-        ok = np.array([error is None for error in decoded["error"]])
-        features = np.zeros((len(ok), self.width), dtype=np.float32)
-        if ok.any():
-            out = self.forward(decoded["image"][ok].astype(np.float32))
-            features[ok] = np.asarray(out, dtype=np.float32).reshape(int(ok.sum()), self.width)
-        column = pa.FixedSizeListArray.from_arrays(pa.array(features.ravel()), self.width, mask=pa.array(~ok))
-        return batch.select(KEY_COLUMNS).append_column("features", column).append_column(
-            "error", pa.array(list(decoded["error"]), pa.string())
-        )
+        return _embed(batch, self.forward, self.image_size, self.width)
+
+
+def _embed(batch: pa.Table, forward, image_size: int, width: int) -> pa.Table:
+    """Key columns of `batch`, plus each file's features (null where it failed) and error."""
+    decoded = imaging.read_and_decode(batch.column("path").to_pylist(), image_size)
+    ok = np.array([error is None for error in decoded["error"]])
+    features = np.zeros((len(ok), width), dtype=np.float32)
+    if ok.any():
+        out = forward(decoded["image"][ok].astype(np.float32))
+        features[ok] = np.asarray(out, dtype=np.float32).reshape(int(ok.sum()), width)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(features.ravel()), width, mask=pa.array(~ok))
+    return batch.select(KEY_COLUMNS).append_column("features", column).append_column(
+        "error", pa.array(list(decoded["error"]), pa.string())
+    )
 
 
 class FeatureHandoff:
@@ -178,7 +183,18 @@ def _write_part(folder: str, table: pa.Table, run_id: str) -> str:
 
 def _compute(missing: pa.Table, extractor, image_size: int, *, use_gpu: bool, actors: int,
              cpus_per_actor: float, batch_size: int) -> pa.Table:
-    """Embed the missing files with an actor pool; the driver gathers the (small) results."""
+    """Embed the missing files with an actor pool; the driver gathers the (small) results.
+
+    At most one batch of files (a few edited files on a warm cache) is embedded here, in the
+    driver, with the extractor it already holds: starting a pool means starting a process that
+    imports TensorFlow and rebuilds the model, far longer than one batch takes. That needs one
+    batch of decoded pixels and its activations in the driver.
+    """
+    if missing.num_rows <= batch_size:
+        logger.info("Embedding %d file(s) in the driver: at most one batch, no actor pool to start", missing.num_rows)
+        width = int(np.prod(extractor.output_shape[1:]))
+        return _embed(missing, lambda pixels: extractor(pixels, training=False), image_size, width)
+
     import ray
 
     weights_ref = ray.put(extractor.get_weights())

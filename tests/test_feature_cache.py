@@ -1,6 +1,7 @@
 """The feature cache never serves a stale embedding: a new decoder version, a file replaced under
-the same name and a read error that has gone away are all embedded again, with real files and
-the real Ray actor pool (random-init backbone, 32 px, 4-5 tiny BMPs)."""
+the same name and a read error that has gone away are all embedded again, with real files
+(random-init backbone, 32 px, 4-5 tiny BMPs, batches of 4). Up to one batch of files is embedded
+in the driver; more go through the real Ray actor pool: both ways are checked here."""
 
 from __future__ import annotations
 
@@ -78,10 +79,12 @@ def test_a_new_decoder_version_is_a_cache_miss(ray_cluster, extractor, tmp_path,
     assert bumped.location != first.location and f"decoder{imaging.DECODER_VERSION}" in bumped.location
 
 
-def test_a_file_replaced_under_the_same_name_is_embedded_again(ray_cluster, extractor, tmp_path):
+def test_a_file_replaced_under_the_same_name_is_embedded_again(ray_cluster, extractor, tmp_path, caplog):
     root = _dataset(tmp_path / "data")
     images = list_labelled_images(str(root))
-    first = _by_path(_embed(images, extractor, tmp_path / "cache"))
+    with caplog.at_level("INFO", logger="catdog.features"):
+        first = _by_path(_embed(images, extractor, tmp_path / "cache"))
+    assert "Embedding 4 file(s) in the driver" in caplog.text  # one batch: no actor pool
     target = root / "cats" / "b.bmp"
     before = target.stat()
     _write_bmp(target, seed=99)  # new pixels, the very same byte count
@@ -98,7 +101,8 @@ def test_a_file_replaced_under_the_same_name_is_embedded_again(ray_cluster, extr
         np.testing.assert_array_equal(vectors[path], first[path])
 
 
-def test_a_read_error_is_retried_next_run_while_a_decode_error_stays_cached(ray_cluster, extractor, tmp_path):
+def test_a_read_error_is_retried_next_run_while_a_decode_error_stays_cached(ray_cluster, extractor, tmp_path,
+                                                                            caplog):
     root = _dataset(tmp_path / "data")
     (root / "dogs" / "notes.bmp").write_text("not an image")  # deterministic: not_an_image
     images = list_labelled_images(str(root))
@@ -106,7 +110,9 @@ def test_a_read_error_is_retried_next_run_while_a_decode_error_stays_cached(ray_
     aside = tmp_path / "b.bmp.moved"
     target.rename(aside)  # gone between listing and reading: FileNotFoundError, a read_error
 
-    first = _embed(images, extractor, tmp_path / "cache")
+    with caplog.at_level("INFO", logger="catdog.features"):
+        first = _embed(images, extractor, tmp_path / "cache")
+    assert "in the driver" not in caplog.text  # five files, batches of four: the actor pool
 
     errors = {s["path"]: imaging.error_kind(s["error"]) for s in first.skipped}
     assert errors == {str(target): "read_error", str(root / "dogs" / "notes.bmp"): "not_an_image"}
