@@ -3,7 +3,7 @@ against catdog's (`catdog.tf_backend`), side by side.
 
     python benchmarks/fit_start_bench.py [--rounds 3] [--workers 1]
 
-Each round runs, in ABBA order on one local Ray, a fit whose loop only sleeps 1 s, once with
+Each round runs, in ABBA order, each on a fresh local Ray, a fit whose loop only sleeps 1 s, once with
 `ray.train.tensorflow.TensorflowConfig` (its controller unpickles it and so imports TensorFlow)
 and once with `catdog.tf_backend.TensorflowWorkersConfig`, through catdog's own trainer class.
 Records the wall time of each `fit()`, and the Train controller's peak RSS (VmHWM) and CPU
@@ -39,15 +39,24 @@ def _watch_controller(stop: threading.Event, found: dict) -> None:
     """Poll /proc for the live Train controller: its largest VmHWM and CPU seconds seen."""
     found.update(peak_rss_mib=0.0, cpu_s=0.0)
     while not stop.is_set():
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if (entry / "cmdline").read_bytes().startswith(b"ray::TrainController"):
-                        found["peak_rss_mib"] = max(found["peak_rss_mib"], _peak_rss_mib(int(entry.name)))
-                        found["cpu_s"] = max(found["cpu_s"], cpu_seconds(int(entry.name)))
-                except (OSError, ValueError):
-                    pass
+        for pid in _controller_pids():
+            try:
+                found["peak_rss_mib"] = max(found["peak_rss_mib"], _peak_rss_mib(pid))
+                found["cpu_s"] = max(found["cpu_s"], cpu_seconds(pid))
+            except (OSError, ValueError):
+                pass
         time.sleep(0.1)
+
+
+def _controller_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::TrainController"):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
 
 
 def one_fit(backend: str, workers: int, storage: str) -> dict:
@@ -60,6 +69,9 @@ def one_fit(backend: str, workers: int, storage: str) -> dict:
         time.sleep(1)
 
     config = TensorflowWorkersConfig() if backend == "catdog" else None  # None: Ray's TensorflowConfig
+    deadline = time.monotonic() + 60
+    while _controller_pids() and time.monotonic() < deadline:  # the last fit's controller is still exiting
+        time.sleep(0.1)
     stop, controller = threading.Event(), {}
     watcher = threading.Thread(target=_watch_controller, args=(stop, controller), daemon=True)
     watcher.start()
@@ -85,14 +97,18 @@ def main() -> None:
     quiet_environment()
     from catdog.ray_session import init_ray
 
-    init_ray()
+    import ray
+
     runs = []
     with tempfile.TemporaryDirectory(prefix="fit-bench-") as storage:
-        one_fit("catdog", args.workers, storage)  # warm-up: page cache, Ray's prestarted workers
         for round_number in range(args.rounds):
             order = ["ray", "catdog"] if round_number % 2 == 0 else ["catdog", "ray"]
             for backend in order:
+                # A fresh local Ray per fit: Ray may place a controller in a worker process an
+                # earlier actor left, TensorFlow already loaded.
+                init_ray()
                 runs.append(one_fit(backend, args.workers, storage))
+                ray.shutdown()
                 print(json.dumps(runs[-1]), flush=True)
     summary = {}
     for backend in ("ray", "catdog"):
