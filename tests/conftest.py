@@ -22,6 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_PHOTOS = REPO.parent / "shared" / "data" / "catdog-dev"
 
 
+def pytest_configure(config):
+    """In the main pytest process, before any test process starts its own session Ray: create
+    Ray's auth token (~/.ray/auth_token) if token auth is on and there is none, so that two test
+    processes (pytest-xdist, pyproject addopts) do not each write a different one."""
+    if hasattr(config, "workerinput"):
+        return  # a test process: the main process has done it
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+
+    ensure_token_if_auth_enabled()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster (2 CPUs, like this machine and CI), shared by the whole session."""

@@ -467,9 +467,16 @@ def test_workers_get_tf_config_from_a_controller_that_never_loads_tensorflow(ray
     def loop(config: dict) -> None:
         import ray.train
 
-        # the live controller: its process title names its class (one fit runs at a time here)
+        def parent(pid: str) -> str:
+            return next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if line.startswith("PPid:"))
+
+        # This fit's controller: titled by its class, a child of this worker's raylet (another test
+        # process may run a fit on a Ray of its own).
+        raylet = str(os.getppid())
         [maps] = [(entry / "maps").read_text() for entry in Path("/proc").iterdir() if entry.name.isdigit()
-                  and (entry / "cmdline").read_bytes().startswith(b"ray::TrainController")]
+                  and (entry / "cmdline").read_bytes().startswith(b"ray::TrainController")
+                  and parent(entry.name) == raylet]
         rank = ray.train.get_context().get_world_rank()
         Path(config["out"], f"{rank}.json").write_text(json.dumps(
             {"tf_config": json.loads(os.environ["TF_CONFIG"]), "controller_loaded_tensorflow": "tensorflow" in maps}))
