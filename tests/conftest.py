@@ -163,8 +163,10 @@ def multinode():
     subprocesses with `env=multinode.job_env()`; a test that removes nodes starts with
     `multinode.ensure_worker_nodes()` or ends with it, so the next test finds three again.
 
-    Stopped after the last test that uses it (pytest_runtest_teardown below): its four nodes' Ray
-    processes would otherwise keep polling through the rest of the session."""
+    Stopped after the last test of the collection that uses it (pytest_runtest_teardown below): its
+    four nodes' Ray processes would otherwise keep polling through the rest of the session. (Under
+    pytest-xdist a test process collects every test but runs only some, so there it may live on
+    to that process's end.)"""
     from multinode import MultiNodeCluster
 
     with MultiNodeCluster(worker_nodes=3, cpus_per_node=1) as cluster:
