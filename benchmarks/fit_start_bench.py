@@ -25,26 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 RESULTS = REPO / "benchmarks" / "results" / "fit_start_bench.json"
 
-from benchmarks.process_stats import cpu_seconds  # noqa: E402
-
-
-def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from benchmarks.process_stats import cpu_seconds, peak_rss_bytes  # noqa: E402
 
 
 def _watch_controller(stop: threading.Event, found: dict) -> None:
     """Poll /proc for the live Train controller: its largest VmHWM and CPU seconds seen."""
     found.update(peak_rss_mib=0.0, cpu_s=0.0)
     while not stop.is_set():
-        for pid in _controller_pids():
-            try:
-                found["peak_rss_mib"] = max(found["peak_rss_mib"], _peak_rss_mib(pid))
-                found["cpu_s"] = max(found["cpu_s"], cpu_seconds(pid))
-            except (OSError, ValueError):
-                pass
+        for pid in _controller_pids():  # both readers answer 0 for a process that has gone
+            found["peak_rss_mib"] = max(found["peak_rss_mib"], peak_rss_bytes(pid) / 2**20)
+            found["cpu_s"] = max(found["cpu_s"], cpu_seconds(pid))
         time.sleep(0.1)
 
 

@@ -1,4 +1,5 @@
-"""/proc readings of a process tree for the benchmarks: children, resident memory, CPU seconds (Linux)."""
+"""/proc readings of a process tree for the benchmarks: children, resident memory and its peak, CPU
+seconds (Linux)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ def rss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The process's resident high-water mark (VmHWM) so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
     except OSError:
         return 0
 
