@@ -90,7 +90,7 @@ class FeatureEmbedder:
         self.image_size = image_size
         self.extractor = keras.Model.from_config(extractor_config)
         self.extractor.set_weights(ray.get(weights_ref[0]))  # in a list: Ray resolves only top-level refs
-        self.width = int(np.prod(self.extractor.output_shape[1:]))
+        self.width = _feature_width(self.extractor)
         # One trace for every batch length (the last batch, batches with unreadable files): each
         # new shape would otherwise trace ResNet50 again.
         self.forward = tf.function(
@@ -100,6 +100,11 @@ class FeatureEmbedder:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return _embed(batch, self.forward, self.image_size, self.width)
+
+
+def _feature_width(extractor) -> int:
+    """Floats per file: the extractor's output flattened (a pooled vector, or a feature map)."""
+    return int(np.prod(extractor.output_shape[1:]))
 
 
 def _embed(batch: pa.Table, forward, image_size: int, width: int) -> pa.Table:
@@ -192,8 +197,7 @@ def _compute(missing: pa.Table, extractor, image_size: int, *, use_gpu: bool, ac
     """
     if missing.num_rows <= batch_size:
         logger.info("Embedding %d file(s) in the driver: at most one batch, no actor pool to start", missing.num_rows)
-        width = int(np.prod(extractor.output_shape[1:]))
-        return _embed(missing, lambda pixels: extractor(pixels, training=False), image_size, width)
+        return _embed(missing, lambda pixels: extractor(pixels, training=False), image_size, _feature_width(extractor))
 
     import ray
 
