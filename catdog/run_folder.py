@@ -8,10 +8,17 @@
     curves.png     training vs validation accuracy and loss per epoch
     tensorboard/   rank 0's per-epoch scalars as TensorFlow event files (`tensorboard --logdir RUN/tensorboard`)
     checkpoints/   Ray Train's storage: checkpoints/train-<run id>/, with worker_reports.json
+    catdog_train_run.json   written first (run id, version, start time): marks the folder as a run
 
 A location is a run folder, or a `.keras` file whose folder holds classes.json; a local path or a
 URI (catdog.storage). No TensorFlow here: a scoring driver checks a model (`RunFolder.describe`)
-without importing it. A little over 300 lines: the folder's reading and writing stay in one place.
+without importing it.
+
+`--overwrite` replaces a run, never a folder: it goes on only where the folder holds a run (the
+marker, or config.json with a model_spec beside classes.json: a finished run written before the
+marker existed), and deletes only the names above: the run's files, Ray Train's train-<run id>/
+folders in checkpoints/, TensorFlow's event files in tensorboard/. A user's files stay, wherever
+they are. About 400 lines: the folder's reading, writing and clearing stay in one place.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import io
 import json
 import logging
 import posixpath
+import re
 import zipfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -44,6 +52,11 @@ CHECKPOINTS_DIR = "checkpoints"  # Ray Train storage inside the run folder (head
 TENSORBOARD_DIR = "tensorboard"  # event files, written by rank 0 (catdog.tensorboard_scalars.EpochScalars)
 WORKER_LOG = "worker_reports.json"  # beside one Train run's checkpoints
 RUN_FILES = (MODEL_FILENAME, CLASSES_FILENAME, CONFIG_FILENAME, METRICS_FILENAME, HISTORY_FILENAME, CURVES_FILENAME)
+# Written before anything else of a run, so a run that crashed before its run files is a run too.
+# Not scoring's `_catdog_run.json`: a training --overwrite must not take a predictions folder for a run.
+RUN_MARKER = "catdog_train_run.json"
+_TRAIN_RUN_FOLDER = re.compile(r"^train-[0-9a-f]+$")  # train_run_name's folders; run ids are hex (uuid4().hex[:12])
+EVENT_FILE_PREFIX = "events.out.tfevents."  # how TensorFlow's summary writer names its event files
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_time_s"]
 UNSAFE_LAYERS = ("Lambda",)  # layers Keras safe mode refuses: they carry Python bytecode
 
@@ -155,11 +168,39 @@ class RunFolder:
 
     # ---- training's files ----
 
-    def refuse_existing(self, overwrite: bool) -> bool:
-        """Refuse a non-empty folder unless `overwrite`; True when an earlier run's files must go.
+    def refuse_unsafe(self, *inputs: str | None) -> None:
+        """Refuse an output that is a root, the home folder, or overlaps one of `inputs` (None ones
+        skipped); reads and writes nothing (see `storage.refuse_unsafe_output`).
 
         Raises:
-            OutputExistsError: the location is a file, or holds entries and `overwrite` is off.
+            OutputExistsError: as above.
+        """
+        # a file:// output as its local path: storage.refuse_unsafe_output would take it for a bucket URI
+        output = self.folder[len("file://"):] if self.folder.startswith("file://") else self.folder
+        for location in inputs:
+            if location is not None:
+                storage.refuse_unsafe_output(output, location)
+
+    def holds_run(self) -> bool:
+        """True when the folder holds a training run: the marker, or a finished run's config.json
+        (with a model_spec) beside classes.json, as runs wrote before the marker existed."""
+        if self._is_file(RUN_MARKER):
+            return True
+        if not (self._is_file(CLASSES_FILENAME) and self._is_file(CONFIG_FILENAME)):
+            return False
+        try:
+            config = storage.read_json(self._file(CONFIG_FILENAME))
+        except (ValueError, OSError):
+            return False
+        return isinstance(config, dict) and "model_spec" in config
+
+    def refuse_existing(self, overwrite: bool) -> bool:
+        """Refuse a non-empty folder unless it holds a run and `overwrite`; True when an earlier
+        run's files must go (`delete_run_files`). Reads only.
+
+        Raises:
+            OutputExistsError: the location is a file; or it holds entries and either no run
+                (whatever `overwrite` says) or a run without `overwrite`.
         """
         fs, root = self._resolved
         info = fs.get_file_info(root)
@@ -170,20 +211,53 @@ class RunFolder:
         children = fs.get_file_info(pafs.FileSelector(root, recursive=False))
         if not children:
             return False
-        if not overwrite:
+        if not self.holds_run():
             raise OutputExistsError(
-                f"--output {self.location} already holds {len(children)} entries; pass --overwrite to replace the run")
+                f"--output {self.location} is not empty ({len(children)} entries) but holds no catdog training run "
+                f"(no {RUN_MARKER}, nor a finished run's {CONFIG_FILENAME} and {CLASSES_FILENAME}); --overwrite "
+                "replaces only a run's own files: give a new or empty folder")
+        if not overwrite:
+            raise OutputExistsError(f"--output {self.location} already holds a catdog run; pass --overwrite to replace "
+                                    "its files (other files in the folder are kept)")
         return True
 
-    def delete_run_files(self) -> None:
-        """Remove an earlier run's files, event files and checkpoints (--overwrite); nothing else in the folder."""
+    def delete_run_files(self) -> int:
+        """Remove an earlier run's own entries (--overwrite; the caller checked `holds_run`): its files
+        and marker, Ray Train's train-<run id>/ folders in checkpoints/ and the event files in
+        tensorboard/, then those two folders if nothing else is left in them. Returns the count removed."""
         fs, root = self._resolved
-        for name in RUN_FILES:
-            if self._exists(name):
-                fs.delete_file(posixpath.join(root, name))
-        for folder in (CHECKPOINTS_DIR, TENSORBOARD_DIR):
-            if fs.get_file_info(posixpath.join(root, folder)).type == pafs.FileType.Directory:
-                fs.delete_dir(posixpath.join(root, folder))
+        files = [posixpath.join(root, name) for name in (*RUN_FILES, RUN_MARKER) if self._is_file(name)]
+        files += [entry.path for entry in self._entries(TENSORBOARD_DIR) if entry.type == pafs.FileType.File
+                  and posixpath.basename(entry.path).startswith(EVENT_FILE_PREFIX)]
+        folders = [entry.path for entry in self._entries(CHECKPOINTS_DIR) if entry.type == pafs.FileType.Directory
+                   and _TRAIN_RUN_FOLDER.match(posixpath.basename(entry.path))]
+        for path in files:
+            fs.delete_file(path)
+        for path in folders:
+            fs.delete_dir(path)  # all of it Ray Train's (and catdog's worker log) for that one run
+        for name in (CHECKPOINTS_DIR, TENSORBOARD_DIR):
+            path = posixpath.join(root, name)
+            if fs.get_file_info(path).type == pafs.FileType.Directory and not self._entries(name):
+                fs.delete_dir(path)
+        logger.info("--overwrite: removed %d files and %d checkpoint folders of the earlier run in %s (other files "
+                    "left alone)", len(files), len(folders), self.location)
+        return len(files) + len(folders)
+
+    def write_marker(self, info: dict) -> None:
+        """Mark the folder as a run (run id, version, start), before anything else of the run is written."""
+        storage.write_json(self._file(RUN_MARKER), info)
+
+    def _is_file(self, name: str) -> bool:
+        fs, root = self._resolved
+        return fs.get_file_info(posixpath.join(root, name)).type == pafs.FileType.File
+
+    def _entries(self, name: str) -> list[pafs.FileInfo]:
+        """The entries directly in one of the run's sub-folders; none when it is missing."""
+        fs, root = self._resolved
+        path = posixpath.join(root, name)
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        return fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
 
     def checkpoint_storage(self) -> str:
         """Ray Train's `storage_path`: checkpoints/, as a URI or an absolute local path."""
@@ -258,6 +332,11 @@ def model_id(location: str) -> str:
 def describe_model(location: str) -> ModelInfo:
     """`RunFolder(location).describe()`: the driver's check of a model, without TensorFlow."""
     return RunFolder(location).describe()
+
+
+def train_run_name(run_id: str) -> str:
+    """Ray Train's name of one catdog run: its folder in checkpoints/, all that --overwrite removes there."""
+    return f"train-{run_id}"
 
 
 def artifact_id(data: bytes) -> str:

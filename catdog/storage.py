@@ -154,7 +154,7 @@ def refuse_unsafe_output(output: str, input_location: str) -> None:
         OutputExistsError: as above; call it before anything is read or written.
     """
     where = _comparable(output)
-    if is_uri(output):
+    if is_uri(where):
         if "/" not in where.split("://", 1)[1]:
             raise OutputExistsError(f"output {output} is a bucket root; give a folder inside it")
     else:

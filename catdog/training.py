@@ -9,8 +9,10 @@
 In cached mode the embeddings are computed while Ray Train starts (the workers wait for them at a
 FeatureHandoff actor) whenever the cluster holds the workers and the embedding actors together.
 
-Everything a user can get wrong (arguments, data folder, output already there) is checked before
-Ray or TensorFlow start, so those mistakes fail in about a second with exit code 2.
+Everything a user can get wrong (arguments, data folder, output already there, an output that
+overlaps the data or is a root or the home folder, --overwrite of a folder that holds no run) is
+checked before Ray or TensorFlow start and before anything is written, so those mistakes fail in
+about a second with exit code 2. The run's marker is the first thing written (catdog.run_folder).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import catdog
 from catdog.dataset import LabelledImages, list_labelled_images, split_train_val
 from catdog.errors import ModelLoadError
 from catdog.metrics import label_scores
-from catdog.run_folder import RunFolder
+from catdog.run_folder import RunFolder, train_run_name
 from catdog.tracking import data_fingerprint, git_commit, library_versions, open_tracking
 from catdog.train_config import TrainConfig
 from catdog.trainer import embedding_overlaps_fit, fit, fit_while_embedding
@@ -117,12 +119,15 @@ def train(config: TrainConfig) -> TrainResult:
     """Train a classifier head on a frozen ResNet50 with Ray Train and write the run folder.
 
     Raises:
-        CatdogError: a bad setting, missing/empty data, or an output folder that already holds a run.
+        CatdogError: a bad setting, missing/empty data, an output folder that already holds a run
+            (without `overwrite`) or holds files but no run, or an output that is a root, the home
+            folder, or inside or around --data or --val-data.
     """
     # ---- checks that need neither Ray nor TensorFlow --------------------------------------------
     started, started_at = time.perf_counter(), time.time()
     config.validate()
     run = RunFolder(config.output)
+    run.refuse_unsafe(config.data, config.val_data)
     clear_output = run.refuse_existing(config.overwrite)
     tracker = open_tracking(config.tracking_uri, config.mlflow_experiment, config.register_as)
     train_images, val_images = _list_data(config)
@@ -142,6 +147,9 @@ def train(config: TrainConfig) -> TrainResult:
         spec, extractor, fast_extractor, fingerprint = loading.result()
     if clear_output:
         run.delete_run_files()
+    run_name = train_run_name(run_id)
+    run.write_marker({"run_id": run_id, "catdog_version": catdog.__version__, "started_at": started_at,
+                      "checkpoints": run.checkpoints(run_name)})
     from catdog import calibration
 
     timings["setup_s"] = time.perf_counter() - started - timings["listing_s"]
@@ -156,7 +164,6 @@ def train(config: TrainConfig) -> TrainResult:
         "per_worker_batch_size": config.per_worker_batch_size, "tensorboard_dir": run.tensorboard_dir(),
         "feature_refs": None,  # cached mode: object refs of the train/val embeddings (or "feature_handoff")
     }
-    run_name = f"train-{run_id}"
     step = time.perf_counter()
 
     def embed() -> TrainingData:
@@ -228,7 +235,7 @@ def train(config: TrainConfig) -> TrainResult:
     run_config = {
         **config.to_dict(), "run_id": run_id, "model_spec": replace(spec, temperature=temperature).to_dict(),
         "weights": config.weights, "backbone_fingerprint": fingerprint, "class_names": class_names,
-        "checkpoints": run.checkpoints(f"train-{run_id}"),
+        "checkpoints": run.checkpoints(run_name),
     }
     timings["finalize_s"] = time.perf_counter() - step
     timings["wall_time_s"] = time.perf_counter() - started

@@ -35,10 +35,11 @@ def test_demo_refuses_existing_workdir(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_its_overwrite_keeps_a_users_files(ray_job_env, tmp_path):
     workdir = tmp_path / "demo"
-    # A workdir that already holds a user's files, among them one inside the demo's data and run
-    # folders: --overwrite replaces only what the demo makes.
+    # A workdir that already holds a user's files, among them one inside the demo's data and
+    # predictions folders: --overwrite replaces only what the demo makes. (A run folder that holds
+    # no run is refused by jobs.train --overwrite: tests/test_train_output_safety.py.)
     users = {workdir / "notes.txt": "keep me", workdir / "data" / "train" / "cats" / "mine.txt": "mine",
-             workdir / "run" / "my-notes.md": "mine too"}
+             workdir / "predictions" / "my-notes.md": "mine too"}
     for path, text in users.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -38,7 +38,7 @@ def test_overwrite_removes_only_the_run_files_and_checkpoints(tmp_path):
     assert run.refuse_existing(overwrite=False) is False  # missing: nothing to replace
     folder.mkdir()
     assert run.refuse_existing(overwrite=False) is False  # empty
-    for name in ("model.keras", "metrics.json", "notes.txt", "checkpoints/train-1/state.json"):
+    for name in ("catdog_train_run.json", "model.keras", "metrics.json", "notes.txt", "checkpoints/train-1/state.json"):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text("x")
     with pytest.raises(OutputExistsError, match="--overwrite"):
