@@ -6,6 +6,9 @@ Three measurements, each a fresh `python -m jobs.score` child whose own peak RSS
 - `bookkeeping`: listing + resume plan + accounting alone on N paths. A synthetic manifest of N
   paths and an output already holding a row for each (written here, not timed); the child runs
   `--resume`, finds nothing to score, and only lists, plans and accounts.
+- `resume`: `--resume --drop-unlisted` of an output of N rows whose manifest lists half of them
+  (N/2 rows to remove) and a plain `--resume` of the same output listing all N (nothing to do),
+  side by side: the driver's peak RSS must not grow with the rows it replaces.
 - `folder`: listing alone of a folder of N entries (empty files: the walk, not the reads).
 - `train`: training (cached mode) on the real photos with 1 and 2 workers: each worker's
   embeddings (MiB) and peak RSS, from metrics.json.
@@ -13,8 +16,8 @@ Three measurements, each a fresh `python -m jobs.score` child whose own peak RSS
   with a 32-pixel model: driver peak RSS, steady images/s (from `scored_at`), time to the first
   written row.
 
-    python benchmarks/scale_bench.py --bookkeeping 1000000 10000000 --folder 1000000 --train 1 2 \
-        --score 10000 100000
+    python benchmarks/scale_bench.py --bookkeeping 1000000 10000000 --resume 2000000 --folder 1000000 \
+        --train 1 2 --score 10000 100000
 
 Writes benchmarks/results/scale_bench.json and prints the figures.
 """
@@ -101,6 +104,34 @@ def bookkeeping(n: int, work: Path) -> dict:
             "us_per_path": round(run.wall_s / n * 1e6, 2)}
 
 
+def resume(n: int, work: Path) -> dict:
+    """Plain resume (nothing to do) against --drop-unlisted removing n/2 rows, same output size."""
+    from catdog.run_folder import describe_model
+
+    model = _model(work)
+    model_id = describe_model(str(model)).model_id
+    paths = pa.array([f"/data/images/{i // 10000:05d}/{i:010d}.jpg" for i in range(n)], pa.string())
+    figures = {"rows": n}
+    for name, listed, flags in (("plain", paths, []), ("drop_unlisted", paths.slice(0, n // 2), ["--drop-unlisted"])):
+        manifest, out = work / f"manifest-{name}-{n}.parquet", work / f"out-{name}-{n}"
+        pq.write_table(pa.table({"path": listed}), manifest)
+        _fake_output(out, paths, model_id)
+        run = run_python("-m", "jobs.score", ["--model", str(model), "--input", str(manifest), "--output", str(out),
+                                              "--resume", "--scratch-dir", str(work), *flags],
+                         cwd=REPO, env=_env(), timeout=7200)
+        if run.returncode != 0:
+            raise RuntimeError(run.stderr[-3000:])
+        summary = json.loads((out / "_SUCCESS.json").read_text())
+        assert summary["rows_written"] == len(listed) and summary["rows_removed"] == n - len(listed)
+        figures[name] = {"rows_removed": summary["rows_removed"], "wall_s": round(run.wall_s, 1),
+                         "driver_peak_rss_mib": round(run.peak_rss_mib)}
+        shutil.rmtree(out)
+        manifest.unlink()
+    figures["drop_to_plain_rss_ratio"] = round(figures["drop_unlisted"]["driver_peak_rss_mib"]
+                                               / figures["plain"]["driver_peak_rss_mib"], 3)
+    return figures
+
+
 _LIST_FOLDER = """
 import sys
 from catdog.inputs import open_input
@@ -168,6 +199,7 @@ def train(workers: int, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bookkeeping", type=int, nargs="*", default=[])
+    parser.add_argument("--resume", type=int, nargs="*", default=[], help="output rows")
     parser.add_argument("--folder", type=int, nargs="*", default=[])
     parser.add_argument("--train", type=int, nargs="*", default=[], help="worker counts")
     parser.add_argument("--score", type=int, nargs="*", default=[])
@@ -177,12 +209,13 @@ def main() -> None:
     target = REPO / "benchmarks" / "results" / "scale_bench.json"
     # Kinds not measured in this run keep their figures from an earlier run.
     results: dict = json.loads(target.read_text()) if target.exists() else {}
-    for kind, sizes in (("bookkeeping", args.bookkeeping), ("folder", args.folder), ("train", args.train),
-                        ("score", args.score)):
+    for kind, sizes in (("bookkeeping", args.bookkeeping), ("resume", args.resume), ("folder", args.folder),
+                        ("train", args.train), ("score", args.score)):
         if sizes or kind not in results:
             results[kind] = []
     target.parent.mkdir(exist_ok=True)
-    measures = (("bookkeeping", bookkeeping, args.bookkeeping), ("folder", folder, args.folder),
+    measures = (("bookkeeping", bookkeeping, args.bookkeeping), ("resume", resume, args.resume),
+                ("folder", folder, args.folder),
                 ("train", train, args.train), ("score", score, args.score))
     for kind, measure, sizes in measures:
         for n in sizes:

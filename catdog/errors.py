@@ -26,3 +26,9 @@ class ImageDecodeError(Exception):
 
     def __str__(self) -> str:
         return f"{self.kind}: {super().__str__()}"
+
+
+# Error kinds of a row that a later attempt may not repeat (a fixed link, a mount back, a store
+# that answers again): `--resume` scores such rows again. Every other kind is a property of the
+# file's bytes and stays until the file changes.
+TRANSIENT_ERROR_KINDS = frozenset({"read_error", "read_timeout"})

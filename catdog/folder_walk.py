@@ -5,11 +5,14 @@ Folder policy (local folders):
 - a directory whose name looks like an image (`x.jpg/`) is a directory: walked, never listed;
 - a symlink whose target lies outside the input folder is skipped unless `follow_symlinks`;
 - each real directory is walked once, so symlink loops end and aliases give no duplicates;
-- a dangling symlink or an unreadable file is listed: scoring gives it an error row.
+- a dangling symlink or an unreadable file is listed: scoring gives it an error row;
+- so is anything else named like an image (a FIFO, a socket, a device): never opened here;
+- a name that is not UTF-8 is listed in its escaped spelling (`catdog.input_paths`).
 
-Memory: one entry per directory walked (loop detection) for local folders, and one directory's
-entries at a time for object stores, whose API lists a prefix in one call (a flat prefix of tens
-of millions of objects wants a manifest, see `catdog.manifests`).
+Memory: one entry per directory walked (loop detection) for local folders; for s3:// a few pages
+of keys, whatever the prefix holds (`catdog.bucket_listing`); for other object stores one
+directory's entries at a time, whose API lists a level in one call (a flat prefix of tens of
+millions of objects there wants a manifest, see `catdog.manifests`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from typing import Iterator
 
 import pyarrow.fs as pafs
 
-from catdog import storage
-from catdog.input_paths import normalise_path
+from catdog import bucket_listing, storage
+from catdog.input_paths import escape_local_path, normalise_path
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +74,20 @@ def walk_local(folder: str, follow_symlinks: bool, skipped: dict[str, int]) -> I
             if is_dir:
                 subfolders.append(entry.path)
             elif entry.name.lower().endswith(wanted):
-                yield (os.path.normpath(entry.path), *_size_and_mtime(entry))
+                yield (escape_local_path(os.path.normpath(entry.path)), *_size_and_mtime(entry))
         stack.extend(reversed(subfolders))
 
 
 def walk_uri(location: str) -> Iterator[Row]:
-    """Walk an object-store prefix one level at a time (one prefix's entries held at once).
+    """Walk an object-store prefix: s3:// page by page in key order, others one level at a time.
 
     Yields:
-        (normalised URI, size, mtime_ns) of each image file, depth-first in key order.
+        (normalised URI, size, mtime_ns) of each image file: in key order for s3://, else
+        depth-first in key order (one level's entries held at once).
     """
+    if bucket_listing.can_list(location):
+        yield from bucket_listing.list_images(location)
+        return
     fs, root = storage.resolve(location)
     wanted = tuple(storage.IMAGE_EXTENSIONS)
     stack = [root]

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from catdog import storage
 from catdog.errors import InputError
 from catdog.folder_walk import Row, walk_local, walk_uri
-from catdog.input_paths import normalise_path
+from catdog.input_paths import escape_local_path, normalise_path
 from catdog.manifests import MANIFEST_EXTENSIONS, manifest_batches, manifest_columns
 
 PATH_COLUMN = "path"
@@ -149,6 +149,15 @@ def open_input(location: str, follow_symlinks: bool = False) -> InputSource:
     except (OSError, pa.ArrowException, ValueError) as exc:
         raise InputError(f"could not open input {location}: {exc}") from exc
     raise InputError(f"input not found: {location}")
+
+
+def canonical_location(location: str) -> str:
+    """The input's one spelling, recorded by an output so that a resume can tell the same input:
+    a local folder's or manifest's real path, or a clean URI (no trailing slash)."""
+    local = _strip_file_scheme(location)
+    if storage.is_uri(local):
+        return normalise_path(local).rstrip("/")
+    return escape_local_path(os.path.realpath(os.path.expanduser(local)))
 
 
 def list_inputs(location: str, follow_symlinks: bool = False) -> InputListing:

@@ -1,11 +1,12 @@
 """Set work over listings and rows of any size, one hash bucket at a time.
 
 A resume must subtract the rows already written from the listing; accounting must check that the
-rows and the listing match one to one. Both are set operations over every path of a run. Here
-both inputs are streamed once into `Buckets` (local Parquet, split by a stable hash of the path),
-then compared bucket by bucket, so a process holds one bucket (`BUCKET_ROWS` rows) and a flush
-buffer, never the whole input; the caller keeps counters. Disk: about the size of the paths, in a
-local scratch folder.
+rows and the listing match one to one; replacing rows must find them in the part files. All are
+set operations over every path of a run. Here the inputs are streamed once into `Buckets` (local
+Parquet, split by a stable hash of the path, or by an integer key), then compared bucket by
+bucket, so a process holds one bucket (`BUCKET_ROWS` rows) and a flush buffer, never the whole
+input; the caller keeps counters. Disk: about the size of the paths, in a local scratch folder
+(the run's `--scratch-dir`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from catdog.inputs import PATH_COLUMN, first_occurrences
+from catdog.errors import TRANSIENT_ERROR_KINDS
+from catdog.inputs import MODIFIED_COLUMN, PATH_COLUMN, SIZE_COLUMN, first_occurrences
 
 # Rows per bucket: what one comparison step holds in memory (~100 bytes a path).
 BUCKET_ROWS = 250_000
@@ -40,11 +42,18 @@ def bucket_ids(paths: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
     return (pd.util.hash_array(values, categorize=False) % np.uint64(buckets)).astype(np.int64)
 
 
-class Buckets:
-    """Tables split by path hash into `count` folders of Parquet files under a local `root`."""
+def _key_ids(column: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
+    if pa.types.is_integer(column.type):
+        return (column.to_numpy() % buckets).astype(np.int64)
+    return bucket_ids(column, buckets)
 
-    def __init__(self, root: str, count: int, schema: pa.Schema):
-        self.root, self.count, self.schema = root, count, schema
+
+class Buckets:
+    """Tables split by `key` (a path hash, or an integer modulo `count`) into `count` folders of
+    Parquet files under a local `root`."""
+
+    def __init__(self, root: str, count: int, schema: pa.Schema, key: str = PATH_COLUMN):
+        self.root, self.count, self.schema, self.key = root, count, schema, key
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._flushes = 0
@@ -67,7 +76,7 @@ class Buckets:
         if self.count == 1:  # nothing to split: no hashing, no reordered copy
             bounds = np.array([0, table.num_rows])
         else:
-            ids = bucket_ids(table[PATH_COLUMN], self.count)
+            ids = _key_ids(table[self.key].combine_chunks(), self.count)
             table = table.take(pa.array(np.argsort(ids, kind="stable")))
             bounds = np.concatenate([[0], np.cumsum(np.bincount(ids, minlength=self.count))])
         for bucket in range(self.count):
@@ -93,9 +102,9 @@ class Buckets:
                                  for name in sorted(os.listdir(folder))])
 
 
-def split(tables: Iterable[pa.Table], root: str, count: int, schema: pa.Schema) -> Buckets:
+def split(tables: Iterable[pa.Table], root: str, count: int, schema: pa.Schema, key: str = PATH_COLUMN) -> Buckets:
     """Stream `tables` into new `Buckets`."""
-    buckets = Buckets(root, count, schema)
+    buckets = Buckets(root, count, schema, key)
     for table in tables:
         buckets.add(table)
     buckets.flush()
@@ -118,17 +127,65 @@ class ResumeCounts:
     repeated: int = 0  # listing rows dropped as repeats of an earlier path
     todo: int = 0
     changed: int = 0
+    retried: int = 0  # rows with a transient error (TRANSIENT_ERROR_KINDS), scored again
     unlisted: int = 0
+    overlap: int = 0  # listed paths that already have a row
+
+
+@dataclass
+class ResumePlan:
+    """How a resumed run's listing meets the rows already written (one bucket, or a small whole)."""
+
+    todo: pa.Table  # listed files to score in this run
+    changed: pa.Array  # paths whose file changed since their row was written: rows replaced
+    unlisted: pa.Array  # paths with rows that are no longer listed
+    retried: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))  # transient errors: rows replaced
+    overlap: int = 0  # listed paths that have a row
+
+
+def plan_resume(listed: pa.Table, done: pa.Table) -> ResumePlan:
+    """Compare a listing (path, file_size, file_modified) with the rows already written.
+
+    A listed file is done when it has a row, neither its size nor its modification time differ
+    from what the row recorded (an unknown value on either side matches), and the row's `error`
+    (when given) is not of a transient kind. Memory: both tables.
+    """
+    empty = pa.array([], pa.string())
+    if not done.num_rows:
+        return ResumePlan(listed, empty, empty)
+    done_paths = done[PATH_COLUMN].combine_chunks()
+    listed_mask = pc.is_in(done_paths, value_set=listed[PATH_COLUMN])
+    unlisted = pc.unique(done_paths.filter(pc.invert(listed_mask)))
+    overlap = pc.count_distinct(done_paths.filter(listed_mask)).as_py() if len(done_paths) else 0
+    changed = empty
+    stats = [c for c in (SIZE_COLUMN, MODIFIED_COLUMN) if c in done.column_names and c in listed.column_names]
+    if stats:
+        rows = done.select([PATH_COLUMN, *stats]).rename_columns([PATH_COLUMN, *[f"row_{c}" for c in stats]])
+        both = listed.select([PATH_COLUMN, *stats]).join(rows, keys=PATH_COLUMN, join_type="inner", use_threads=False)
+        differs = pa.array([False] * both.num_rows, pa.bool_())
+        for column in stats:
+            differs = pc.or_(differs, pc.fill_null(pc.not_equal(both[column], both[f"row_{column}"]), False))
+        changed = pc.unique(both[PATH_COLUMN].filter(differs).combine_chunks()) if both.num_rows else empty
+    retried = empty
+    if "error" in done.column_names:
+        kinds = pc.list_element(pc.split_pattern(pc.fill_null(done["error"], ""), ":", max_splits=1), 0)
+        transient = pc.and_(pc.is_in(kinds, value_set=pa.array(sorted(TRANSIENT_ERROR_KINDS))), listed_mask)
+        retried = pc.unique(done_paths.filter(transient).combine_chunks())
+        if len(changed):
+            retried = retried.filter(pc.invert(pc.is_in(retried, value_set=changed)))
+    again = pa.concat_arrays([changed, retried]) if len(retried) else changed
+    finished = done_paths.filter(pc.invert(pc.is_in(done_paths, value_set=again))) if len(again) else done_paths
+    todo = listed.filter(pc.invert(pc.is_in(listed[PATH_COLUMN], value_set=finished)))
+    return ResumePlan(todo, changed, unlisted, retried, overlap)
 
 
 def plan(listing: Buckets, done: Buckets, on_todo: Callable[[pa.Table], None],
-         on_changed: Callable[[pa.Array], None], on_unlisted: Callable[[pa.Array], None]) -> ResumeCounts:
-    """Per bucket: drop repeated listed paths, then `predictions_folder.plan_resume`; hand on the results.
+         on_replaced: Callable[[pa.Array], None], on_unlisted: Callable[[pa.Array], None]) -> ResumeCounts:
+    """Per bucket: drop repeated listed paths, then `plan_resume`; hand on the results.
 
+    `on_replaced` gets the paths whose rows this run replaces (changed files, transient errors).
     `listing` and `done` must have the same bucket count.
     """
-    from catdog.predictions_folder import plan_resume
-
     counts = ResumeCounts()
     for bucket in range(listing.count):
         listed = listing.read(bucket)
@@ -138,14 +195,59 @@ def plan(listing: Buckets, done: Buckets, on_todo: Callable[[pa.Table], None],
         result = plan_resume(unique, done.read(bucket))
         counts.todo += result.todo.num_rows
         counts.changed += len(result.changed)
+        counts.retried += len(result.retried)
         counts.unlisted += len(result.unlisted)
+        counts.overlap += result.overlap
         if result.todo.num_rows:
             on_todo(result.todo.drop_columns([ORDER_COLUMN]))
-        if len(result.changed):
-            on_changed(result.changed)
+        if len(result.changed) or len(result.retried):
+            on_replaced(pa.concat_arrays([result.changed, result.retried]))
         if len(result.unlisted):
             on_unlisted(result.unlisted)
     return counts
+
+
+FILE_COLUMN, ROW_COLUMN = "__file", "__row"
+_LOCATED = pa.schema([(PATH_COLUMN, pa.string()), (FILE_COLUMN, pa.int32()), (ROW_COLUMN, pa.int64())])
+_HITS = pa.schema([(FILE_COLUMN, pa.int32()), (ROW_COLUMN, pa.int64())])
+# Files per bucket of hits: what one rewrite step holds is the row numbers of this many files.
+FILES_PER_HIT_BUCKET = 64
+
+
+def locate(files: list, read_paths: Callable[[object], pa.Array], wanted: Buckets, scratch: str) -> Iterable[tuple[int, np.ndarray]]:
+    """Where the rows of `wanted` paths are: (index into `files`, sorted row numbers) per file holding any.
+
+    Every file's `path` column is streamed once into buckets beside `wanted`, joined bucket by
+    bucket, and the hits regrouped by file: a process holds one bucket of paths, then the row
+    numbers of `FILES_PER_HIT_BUCKET` files, never a set of every path. Files come in index order
+    within each group of files.
+    """
+
+    def rows() -> Iterable[pa.Table]:
+        for index, file in enumerate(files):
+            paths = read_paths(file)
+            yield pa.table({PATH_COLUMN: paths, FILE_COLUMN: pa.array(np.full(len(paths), index, np.int32)),
+                            ROW_COLUMN: pa.array(np.arange(len(paths), dtype=np.int64))})
+
+    located = split(rows(), os.path.join(scratch, "located"), wanted.count, _LOCATED)
+    hits = Buckets(os.path.join(scratch, "hits"), max(1, math.ceil(len(files) / FILES_PER_HIT_BUCKET)), _HITS,
+                   key=FILE_COLUMN)
+    for bucket in range(wanted.count):
+        paths = wanted.read(bucket)[PATH_COLUMN].combine_chunks()
+        if not len(paths):
+            continue
+        table = located.read(bucket)
+        hits.add(table.filter(pc.is_in(table[PATH_COLUMN], value_set=paths)).select([FILE_COLUMN, ROW_COLUMN]))
+    hits.flush()
+    for bucket in range(hits.count):
+        table = hits.read(bucket).sort_by([(FILE_COLUMN, "ascending"), (ROW_COLUMN, "ascending")])
+        if not table.num_rows:
+            continue
+        file_ids = table[FILE_COLUMN].to_numpy()
+        row_ids = table[ROW_COLUMN].to_numpy()
+        starts = np.flatnonzero(np.r_[True, file_ids[1:] != file_ids[:-1]])
+        for start, stop in zip(starts, np.r_[starts[1:], len(file_ids)]):
+            yield int(file_ids[start]), np.unique(row_ids[start:stop])
 
 
 @dataclass
@@ -160,7 +262,6 @@ class Verdict:
     kept_unlisted: int = 0
     in_listing: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
-    duplicated_paths: list[pa.Array] = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
@@ -188,9 +289,6 @@ def account(listing: Buckets, rows: Buckets, kept_unlisted: Buckets | None = Non
         verdict.unknown += len(paths) - in_listing - kept_rows
         verdict.kept_unlisted += kept_rows
         verdict.in_listing += in_listing
-        if len(paths) != distinct:
-            counted = pc.value_counts(paths)
-            verdict.duplicated_paths.append(counted.field("values").filter(pc.greater(counted.field("counts"), 1)))
         errors = table["error"].combine_chunks().filter(in_listing_mask).drop_null()
         if len(errors):
             kinds = pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)

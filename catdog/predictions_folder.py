@@ -6,7 +6,9 @@ Layout of an output folder (local path or URI):
     _catdog_run.json                                  written first: model id, classes, layout
     _listing/chunk-<n>.listing                        the files this output was scored from (Parquet)
     _todo/                                            a resumed run's files to score (while it runs)
-    _quarantine/                                      part files set aside by --resume (truncated, superseded)
+    _quarantine/                                      part files set aside by --resume (unreadable footer)
+    _rewrite/                                         a part file being replaced (while it is rewritten)
+    _catdog_lease.json                                the run that holds the output (catdog.output_lease)
     _SUCCESS.json                                     written last: the run summary
 
 Names starting with `_` are skipped by pyarrow, pandas, Spark and DuckDB globs on `*.parquet`, so
@@ -21,8 +23,13 @@ demo, tests); `scan()` takes what any Parquet reader of the folder sees, every `
 `_`/`.` names, whoever wrote it (jobs.report, jobs.evaluate).
 
 Memory: listing the folder holds one entry per part file (thousands, not per row). Rows and the
-listing are read a batch at a time; resume and accounting compare them bucket by bucket
-(`catdog.ledger`). Replacing rows holds the paths being replaced.
+listing are read a batch at a time; resume, accounting and replacing rows compare them bucket by
+bucket (`catdog.ledger`), in a scratch folder on local disk.
+
+Crash safety: a part file is replaced by writing its successor first, then retiring it, with a
+journal in `_rewrite/`; whatever step a crash stops at, each row lives in exactly one part file,
+or the next `--resume` (`recover_rewrites`) puts it back and says so. `_SUCCESS.json` is removed
+only when a run is about to change rows (`mark_partial`).
 
 Over 300 lines on purpose: the schema, the layout, the run's lifecycle and the readers of one
 folder stay in one module, so that no other code knows its file names.
@@ -31,6 +38,7 @@ folder stay in one module, so that no other code knows its file names.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import posixpath
 import re
@@ -40,19 +48,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from catdog import storage
 from catdog.errors import CatdogError, InputError, OutputExistsError
+from catdog.output_lease import LEASE_FILE
 
 logger = logging.getLogger(__name__)
 
 SUCCESS_FILE = "_SUCCESS.json"
 RUN_MARKER = "_catdog_run.json"
 QUARANTINE_DIR = "_quarantine"
+REWRITE_DIR = "_rewrite"
 LISTING_DIR = "_listing"
 TODO_DIR = "_todo"
 # Parquet files named so that no `*.parquet` glob over the output, however deep, takes them for rows.
@@ -134,7 +144,7 @@ def error_kinds(errors: Sequence[str | None]) -> dict[str, int]:
 class AccountingError(RuntimeError):
     """The output does not hold exactly one row per listed file (a bug or a concurrent writer)."""
 
-    duplicated_paths: pa.Array
+    duplicates: int = 0  # rows beyond the first of a path
 
 
 Tables = Iterable[pa.Table] | pa.Array  # a stream of tables with `path`, or the paths in one array
@@ -195,6 +205,7 @@ class ResumeState:
 
     kept_files: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)  # interrupted rewrites finished or undone
     deleted: int = 0
     created: bool = False  # the run made the folder
 
@@ -220,6 +231,10 @@ class PredictionsFolder:
         if self._info(inner).type == pafs.FileType.NotFound:
             return []
         return self.fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
+
+    def _entries(self) -> list[pafs.FileInfo]:
+        """What the folder holds, less the lease of the run that holds it (`catdog.output_lease`)."""
+        return [i for i in self._children() if not posixpath.basename(i.path).startswith(LEASE_FILE)]
 
     def _own_partitions(self, top: list[pafs.FileInfo]) -> list[str]:
         """`label=` sub-folders of this output; one holding its own run marker is another output."""
@@ -378,7 +393,7 @@ class PredictionsFolder:
         """
         if self._info(self.root).type == pafs.FileType.File:
             raise OutputExistsError(f"output {self.location} is a file; give a folder")
-        existing = self._children()
+        existing = self._entries()
         if existing and not (overwrite or resume):
             parts = len(self.part_files())
             raise OutputExistsError(
@@ -387,30 +402,39 @@ class PredictionsFolder:
                 "); pass --resume to finish it, --overwrite to replace catdog's files in it, or choose a new folder"
             )
 
-    def prepare(self, *, overwrite: bool, resume: bool, run_info: dict, schema: pa.Schema) -> ResumeState:
+    def prepare(self, *, overwrite: bool, resume: bool, run_info: dict, schema: pa.Schema,
+                input_moved: bool = False) -> ResumeState:
         """Make the folder ready for a run and return what it already holds.
 
-        `run_info` (model_id, class_names, partition_by, ...) is written to the run marker; a resume
-        must match it. `schema` is the file schema this run writes.
+        `run_info` (model_id, class_names, partition_by, input, precision, ...) is written to the
+        run marker; a resume must match it (`input_moved`: another input is accepted). `schema` is
+        the file schema this run writes. A resume keeps `_SUCCESS.json` until rows change
+        (`mark_partial`) and first finishes or undoes a rewrite a crash interrupted.
 
         Raises:
             OutputExistsError: the folder holds files and neither overwrite nor resume was asked,
                 or it is a file.
-            CatdogError: a resume with another model, classes or layout than the existing output.
+            CatdogError: a resume with another model, classes, layout, input or precision than
+                the existing output.
         """
         self.refuse_existing(overwrite=overwrite, resume=resume)
         state = ResumeState(created=not self.exists())
-        if self._children():
+        if self._entries():
             if overwrite:
                 state.deleted = self._delete_own_files()
             else:
-                self._check_resumable(run_info)
-                if self.is_complete():
-                    self.fs.delete_file(self._file(SUCCESS_FILE))  # partial again until this run ends
+                self._check_resumable(run_info, input_moved)
+                recovered = self.recover_rewrites()
                 state = self._scan_for_resume(schema)
+                state.recovered = recovered
         self.fs.create_dir(self.root, recursive=True)
         storage.write_json(self._location(RUN_MARKER), run_info)
         return state
+
+    def mark_partial(self) -> None:
+        """Remove `_SUCCESS.json`: this run is about to change rows (no-op when absent)."""
+        if self.is_complete():
+            self.fs.delete_file(self._file(SUCCESS_FILE))
 
     def discard_if_empty(self, remove_folder: bool) -> None:
         """When no part file exists: remove our run marker, and the folder if we created it."""
@@ -418,7 +442,7 @@ class PredictionsFolder:
             return
         if self._info(self._file(RUN_MARKER)).type == pafs.FileType.File:
             self.fs.delete_file(self._file(RUN_MARKER))
-        if remove_folder and not self._children():
+        if remove_folder and not self._entries():
             self.fs.delete_dir(self.root)
 
     def _delete_own_files(self) -> int:
@@ -430,15 +454,16 @@ class PredictionsFolder:
             doomed += [i.path for i in self._children(folder) if i.type == pafs.FileType.File and is_part_file(i.path)]
         doomed += [i.path for i in self._children(self._quarantine)
                    if i.type == pafs.FileType.File and is_part_file(i.path)]
-        doomed += self._own_chunks(LISTING_DIR, _LISTING_CHUNK) + self.todo_files()
+        doomed += self._own_chunks(LISTING_DIR, _LISTING_CHUNK) + self.todo_files() + self._rewrite_files()
         for path in doomed:
             self.fs.delete_file(path)
-        for folder in partitions + [self._quarantine, self._file(LISTING_DIR), self._file(TODO_DIR)]:
+        for folder in partitions + [self._quarantine, self._file(LISTING_DIR), self._file(TODO_DIR),
+                                    self._file(REWRITE_DIR)]:
             self._remove_if_empty(folder)
         logger.info("--overwrite: deleted %d catdog files from %s (other files left alone)", len(doomed), self.location)
         return len(doomed)
 
-    def _check_resumable(self, run_info: dict) -> None:
+    def _check_resumable(self, run_info: dict, input_moved: bool = False) -> None:
         marker = self._location(RUN_MARKER)
         if not storage.exists(marker):
             return
@@ -450,6 +475,20 @@ class PredictionsFolder:
                     f"cannot resume {self.location}: it was written with {key}={previous.get(key)!r}, this run has "
                     f"{run_info.get(key)!r}; use --overwrite or a new output folder"
                 )
+        # Outputs written before these were recorded are taken as they are.
+        if "precision" in previous and previous["precision"] != run_info.get("precision"):
+            raise CatdogError(
+                f"cannot resume {self.location}: its rows were scored at --precision {previous['precision']}, this run "
+                f"asks for {run_info.get('precision')}; resume with --precision {previous['precision']}, or use "
+                "--overwrite or a new output folder")
+        before, now = previous.get("input_canonical"), run_info.get("input_canonical")
+        if before is not None and before != now:
+            if not input_moved:
+                raise CatdogError(
+                    f"cannot resume {self.location}: it was scored from {before}, this run lists {now}; check --input, "
+                    "or pass --input-moved if the input moved on purpose")
+            logger.warning("--input-moved: resuming %s, scored from %s, with the files of %s", self.location, before,
+                           now)
 
     def _scan_for_resume(self, schema: pa.Schema) -> ResumeState:
         """Quarantine part files without a valid footer; read the rows already scored."""
@@ -478,31 +517,111 @@ class PredictionsFolder:
         logger.warning("Quarantined part file %s (%s) to %s", path, reason, target)
         return target
 
-    def remove_rows(self, paths: pa.Array, run_id: str, schema: pa.Schema) -> int:
-        """Rewrite the part files that hold rows of `paths` without them; return the rows removed.
+    def remove_rows(self, replaced, run_id: str, schema: pa.Schema, scratch: str) -> int:
+        """Rewrite the part files that hold rows of the `replaced` paths (`ledger.Buckets`) without
+        them; return the rows removed. Found bucket by bucket in `scratch` (`ledger.locate`); each
+        file replaced crash-safely (`_replace_part_file`)."""
+        from catdog import ledger
 
-        Each such file is first moved to the quarantine, then its other rows are written under a
-        new name of this run, then the quarantined copy is deleted: a crash in between loses no
-        row that a later --resume would not score again, and never leaves a row twice.
-        """
-        if not len(paths):
+        if not replaced.rows:
             return 0
+        files = self.part_files()
         removed = 0
-        for path in self.part_files():
-            table = pq.read_table(path, filesystem=self.fs)
-            drop = pc.is_in(table["path"], value_set=paths)
-            hits = pc.sum(drop).as_py() or 0
-            if not hits:
-                continue
-            parked = self._quarantine_file(path, f"{hits} rows superseded")
-            kept = table.filter(pc.invert(drop))
-            if kept.num_rows:
-                name = part_file_name(run_id, uuid.uuid4().hex, 0)
-                target = posixpath.join(posixpath.dirname(path), name.replace(".parquet", "-0.parquet"))
-                pq.write_table(kept.cast(_file_schema(schema, kept.schema)), target, filesystem=self.fs)
-            self.fs.delete_file(parked)
-            removed += hits
+        for index, rows in ledger.locate(files, self._paths_of, replaced, scratch):
+            table = pq.read_table(files[index], filesystem=self.fs)
+            keep = np.ones(table.num_rows, dtype=bool)
+            keep[rows] = False
+            kept = table.filter(pa.array(keep))
+            self._replace_part_file(files[index], kept.cast(_file_schema(schema, kept.schema)), run_id,
+                                    f"{len(rows)} rows replaced")
+            removed += len(rows)
         return removed
+
+    def _paths_of(self, part_file: str) -> pa.Array:
+        return pq.read_table(part_file, columns=["path"], filesystem=self.fs)["path"].combine_chunks()
+
+    def _replace_part_file(self, old: str, kept: pa.Table, run_id: str, why: str) -> None:
+        """Replace part file `old` by one holding `kept` (no file when empty), in steps a crash may stop
+        anywhere: (1) the successor is written to `_rewrite/`, (2) a journal names both, (3) `old`
+        is retired into `_rewrite/`, (4) the successor is moved to its place, (5) the retired file
+        and the journal go. `recover_rewrites` finishes or undoes it from any step."""
+        name = part_file_name(run_id, uuid.uuid4().hex, 0).replace(".parquet", "-0.parquet")
+        new = posixpath.join(posixpath.dirname(old), name) if kept.num_rows else None
+        staged, journal, retired = self._rewrite_names(name)
+        if not storage.is_uri(self.location):  # object stores have no folders to make
+            self.fs.create_dir(self._file(REWRITE_DIR), recursive=True)
+        if new is not None:
+            pq.write_table(kept, staged, filesystem=self.fs)
+        self._write_json(journal, {"old": self._relative(old), "new": self._relative(new) if new else None})
+        self.fs.move(old, retired)
+        if new is not None:
+            self.fs.move(staged, new)
+        self.fs.delete_file(retired)
+        self.fs.delete_file(journal)
+        logger.info("Rewrote part file %s (%s)%s", old, why, f" as {new}" if new else ": no row left, removed")
+
+    def _rewrite_names(self, name: str) -> tuple[str, str, str]:
+        staged = posixpath.join(self.root, REWRITE_DIR, name)
+        return staged, f"{staged}.json", f"{staged}.old"
+
+    def _relative(self, inner: str) -> str:
+        return posixpath.relpath(inner, self.root)
+
+    def _write_json(self, inner: str, payload: dict) -> None:
+        with self.fs.open_output_stream(inner) as stream:
+            stream.write(json.dumps(payload).encode("utf-8"))
+
+    def _rewrite_files(self) -> list[str]:
+        """Our files in `_rewrite/`: a staged part file, its journal (`.json`) and the retired one (`.old`)."""
+        return sorted(i.path for i in self._children(self._file(REWRITE_DIR)) if i.type == pafs.FileType.File
+                      and is_part_file(posixpath.basename(i.path).split(".parquet", 1)[0] + ".parquet"))
+
+    def recover_rewrites(self) -> list[str]:
+        """Finish or undo every part-file rewrite a crash interrupted (see `_replace_part_file`).
+
+        Returns one line per rewrite saying what was done; each is logged as a warning.
+        """
+        done = []
+        for journal in [f for f in self._rewrite_files() if f.endswith(".parquet.json")]:
+            staged, _, retired = self._rewrite_names(posixpath.basename(journal)[: -len(".json")])
+            with self.fs.open_input_stream(journal) as stream:
+                entry = json.loads(stream.read().decode("utf-8"))
+            old = self._file(entry["old"])
+            new = self._file(entry["new"]) if entry.get("new") else None
+            if self._is_file(old):
+                outcome = f"undone: {entry['old']} was never retired"
+            elif new is not None and self._is_file(new):
+                outcome = f"finished: {entry['old']} had been replaced by {entry['new']}"
+            elif self._is_file(retired):
+                if new is None:
+                    outcome = f"finished: {entry['old']} removed, every row of it replaced"
+                elif self._readable(staged):
+                    self.fs.move(staged, new)
+                    outcome = f"finished: {entry['new']} put in place of {entry['old']}"
+                else:
+                    self.fs.move(retired, old)
+                    outcome = f"undone: {entry['old']} restored, its successor was incomplete"
+            else:
+                outcome = f"nothing to recover for {entry['old']}: neither it nor its successor is there"
+            for leftover in (staged, retired, journal):
+                if self._is_file(leftover):
+                    self.fs.delete_file(leftover)
+            logger.warning("Interrupted rewrite of a part file %s", outcome)
+            done.append(outcome)
+        for stray in self._rewrite_files():  # a successor written before its journal: never in place
+            self.fs.delete_file(stray)
+        self._remove_if_empty(self._file(REWRITE_DIR))
+        return done
+
+    def _is_file(self, inner: str) -> bool:
+        return self._info(inner).type == pafs.FileType.File
+
+    def _readable(self, inner: str) -> bool:
+        try:
+            pq.read_metadata(inner, filesystem=self.fs)
+            return True
+        except (pa.ArrowException, OSError):
+            return False
 
     # ---- after a run ----
 
@@ -511,26 +630,26 @@ class PredictionsFolder:
         return sum(pq.read_metadata(f, filesystem=self.fs).num_rows for f in self.part_files())
 
     def account(self, listing: Tables | None = None, kept_unlisted: Tables | None = None,
-                listed_rows: int | None = None) -> dict:
+                listed_rows: int | None = None, scratch: str | None = None) -> dict:
         """Check the output holds exactly one row per listed path; count rows and errors by kind.
 
         `listing`: the listed paths (tables with `path`, or one array); default: this folder's
         `_listing/`. `kept_unlisted`: paths no longer listed whose rows a resume reported and
         kept; they are counted in `rows_not_in_listing` and left out of the verdict. Any other
-        unlisted row fails it. Compared bucket by bucket (`catdog.ledger`): memory stays bounded.
+        unlisted row fails it. Compared bucket by bucket (`catdog.ledger`) in a folder under
+        `scratch` (default: the system's temporary folder): memory stays bounded.
 
         Raises:
             AccountingError: listed paths missing or duplicated, rows of unknown paths, or a path
-                with more than one row; `duplicated_paths` on the error names the repeated paths.
+                with more than one row; `duplicates` on the error counts the extra rows.
         """
-        verdict = self._verdict(listing, kept_unlisted, listed_rows)
+        verdict = self._verdict(listing, kept_unlisted, listed_rows, scratch)
         if not verdict.exact:
             error = AccountingError(
                 f"output {self.location} holds {verdict.rows} rows ({verdict.duplicates} duplicates, {verdict.unknown} "
                 f"for unlisted paths) for {verdict.listed} listed files ({verdict.missing} missing); "
                 "_SUCCESS.json not written")
-            error.duplicated_paths = (pa.concat_arrays(verdict.duplicated_paths) if verdict.duplicated_paths
-                                      else pa.array([], pa.string()))
+            error.duplicates = verdict.duplicates
             raise error
         errors = sum(verdict.errors_by_kind.values())
         return {
@@ -542,41 +661,47 @@ class PredictionsFolder:
             "output_files": [posixpath.relpath(f, self.root) for f in self.part_files()],
         }
 
-    def _verdict(self, listing: Tables | None, kept_unlisted: Tables | None, listed_rows: int | None):
+    def _verdict(self, listing: Tables | None, kept_unlisted: Tables | None, listed_rows: int | None,
+                 scratch: str | None):
         from catdog import ledger
 
         listing = self.iter_listing() if listing is None else _as_tables(listing)
         rows = self.count_rows()
         buckets = ledger.bucket_count(max(rows, listed_rows or 0))
         paths = pa.schema([("path", pa.string())])
-        with tempfile.TemporaryDirectory(prefix="catdog-accounting-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="catdog-accounting-", dir=scratch) as scratch:
             listed = ledger.split((t.select(["path"]) for t in listing), f"{scratch}/listing", buckets, paths)
             written = ledger.split(self.iter_rows(["path", "error"]), f"{scratch}/rows", buckets,
                                    pa.schema([("path", pa.string()), ("error", pa.string())]))
             kept = ledger.split(_as_tables(kept_unlisted), f"{scratch}/kept", buckets, paths) if kept_unlisted is not None else None
             return ledger.account(listed, written, kept)
 
-    def drop_superseded_files(self, duplicated_paths: pa.Array, run_id: str) -> list[str]:
-        """Delete earlier runs' part files whose every row is one of `duplicated_paths`, with a copy elsewhere.
+    def drop_superseded_files(self, run_id: str, scratch: str | None = None) -> list[str]:
+        """Delete earlier runs' part files whose every row has a copy in this run's (`run_id`) files.
 
-        A killed run's worker can finish a write seconds after the kill, after a quick `--resume` scanned
-        the folder; the resumed run then scores those files again. The late file is the redundant copy.
-        Deleted one at a time, each only while all of its rows still have another copy.
+        A killed run's worker can finish a write seconds after the kill, after a quick `--resume`
+        scanned the folder; the resumed run then scores those files again. The late file is the
+        redundant copy. Found bucket by bucket (`ledger.locate`): no set of paths in memory.
         """
-        remaining = pc.value_counts(duplicated_paths) if len(duplicated_paths) else None
-        if remaining is None:
-            return []
-        extra = dict(zip(remaining.field("values").to_pylist(), remaining.field("counts").to_pylist()))
-        dropped = []
+        from catdog import ledger
+
+        files = self.part_files()
         ours = f"{PART_PREFIX}{run_id}-"
-        for path in [f for f in self.part_files() if not posixpath.basename(f).startswith(ours)]:
-            paths = pq.read_table(path, columns=["path"], filesystem=self.fs)["path"].to_pylist()
-            if paths and all(extra.get(p, 0) > 0 for p in paths):
-                for p in paths:
-                    extra[p] -= 1
-                self.fs.delete_file(path)
-                dropped.append(path)
-                logger.warning("Deleted %s: a late write of an interrupted run, every row scored again", path)
+        mine = [f for f in files if posixpath.basename(f).startswith(ours)]
+        theirs = [f for f in files if not posixpath.basename(f).startswith(ours)]
+        if not mine or not theirs:
+            return []
+        dropped = []
+        with tempfile.TemporaryDirectory(prefix="catdog-superseded-", dir=scratch) as folder:
+            count = ledger.bucket_count(self.count_rows())
+            rescored = ledger.split((pa.table({"path": self._paths_of(f)}) for f in mine), f"{folder}/mine", count,
+                                    pa.schema([("path", pa.string())]))
+            for index, rows in ledger.locate(theirs, self._paths_of, rescored, folder):
+                path = theirs[index]
+                if len(rows) == pq.read_metadata(path, filesystem=self.fs).num_rows:
+                    self.fs.delete_file(path)
+                    dropped.append(path)
+                    logger.warning("Deleted %s: a late write of an interrupted run, every row scored again", path)
         return dropped
 
     def write_success(self, summary: dict) -> None:
@@ -598,37 +723,3 @@ def _is_own_top_level_file(path: str) -> bool:
 def _file_schema(schema: pa.Schema, present: pa.Schema) -> pa.Schema:
     """This run's schema restricted to the columns an older file has (older files lack newer columns)."""
     return pa.schema([schema.field(name) if name in schema.names else present.field(name) for name in present.names])
-
-
-@dataclass
-class ResumePlan:
-    """How a resumed run's listing meets the rows already written."""
-
-    todo: pa.Table  # listed files to score in this run
-    changed: pa.Array  # paths whose file changed since their row was written: rows replaced
-    unlisted: pa.Array  # paths with rows that are no longer listed
-
-
-def plan_resume(listed: pa.Table, done: pa.Table) -> ResumePlan:
-    """Compare a listing (path, file_size, file_modified) with the rows already written.
-
-    A listed file is done when it has a row and neither its size nor its modification time differ
-    from what the row recorded (an unknown value on either side matches). Memory: both tables.
-    """
-    empty = pa.array([], pa.string())
-    if not done.num_rows:
-        return ResumePlan(listed, empty, empty)
-    done_paths = done["path"].combine_chunks()
-    unlisted = pc.unique(done_paths.filter(pc.invert(pc.is_in(done_paths, value_set=listed["path"]))))
-    changed = empty
-    stats = [c for c in (FILE_SIZE_COLUMN, FILE_MODIFIED_COLUMN) if c in done.column_names and c in listed.column_names]
-    if stats:
-        rows = done.select(["path", *stats]).rename_columns(["path", *[f"row_{c}" for c in stats]])
-        both = listed.select(["path", *stats]).join(rows, keys="path", join_type="inner", use_threads=False)
-        differs = pa.array([False] * both.num_rows, pa.bool_())
-        for column in stats:
-            differs = pc.or_(differs, pc.fill_null(pc.not_equal(both[column], both[f"row_{column}"]), False))
-        changed = pc.unique(both["path"].filter(differs).combine_chunks()) if both.num_rows else empty
-    finished = done_paths.filter(pc.invert(pc.is_in(done_paths, value_set=changed))) if len(changed) else done_paths
-    todo = listed.filter(pc.invert(pc.is_in(listed["path"], value_set=finished)))
-    return ResumePlan(todo, changed, unlisted)

@@ -9,7 +9,12 @@ actor, fire-and-forget; a thread in the driver reads its totals and logs
 which reads the same under `ray job submit`, in a file or on a terminal. Ray Data's own block
 counts say little about rows, so its progress bars are switched off for the run.
 
-Memory: counters only (one integer per error kind), whatever the size of the input.
+Decode tasks also report each file whose read has been waiting long (`catdog.imaging`). When no
+row has finished for a while, the line says so and names them:
+
+    Scored 8 / 16 files (50.0%), 0.4 images/s, ETA 20s; nothing finished for 1m20s; waiting on: /x/pipe.jpg (1m15s)
+
+Memory: counters only (one integer per error kind), and at most MAX_SLOW_READS paths waiting.
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ import time
 logger = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 10.0
+# Slow reads the counter names: hung files beyond these are only counted (a hung mount may hold thousands).
+MAX_SLOW_READS = 20
+# Slow reads named in one line, the longest waiting first; the rest are "N more".
+SHOWN_SLOW_READS = 5
+# Seconds without a finished row (or 3 intervals, if longer) before the line says what it waits on: less
+# would flag the model load at the start of every run.
+QUIET_AFTER_S = 30.0
 
 
 class ProgressCounter:
@@ -33,6 +45,8 @@ class ProgressCounter:
         self.files_listed: int | None = None  # set by a streaming listing
         self.listing_done = False
         self.skipped: dict[str, int] = {}
+        self.slow_reads: dict[str, float] = {}  # path -> time.time() its read began
+        self.slow_reads_more = 0  # slow reads beyond MAX_SLOW_READS, counted only
 
     def add(self, rows: int, errors: dict[str, int]) -> None:
         self.rows += rows
@@ -42,9 +56,20 @@ class ProgressCounter:
     def listed(self, files: int, done: bool, skipped: dict[str, int]) -> None:
         self.files_listed, self.listing_done, self.skipped = files, done, dict(skipped)
 
+    def reading_slowly(self, path: str, since: float) -> None:
+        if path in self.slow_reads or len(self.slow_reads) < MAX_SLOW_READS:
+            self.slow_reads[path] = since
+        else:
+            self.slow_reads_more += 1
+
+    def done_reading(self, path: str) -> None:
+        if self.slow_reads.pop(path, None) is None and self.slow_reads_more:
+            self.slow_reads_more -= 1
+
     def totals(self) -> dict:
         return {"rows": self.rows, "errors": dict(self.errors), "files_listed": self.files_listed,
-                "listing_done": self.listing_done, "skipped": dict(self.skipped)}
+                "listing_done": self.listing_done, "skipped": dict(self.skipped),
+                "slow_reads": dict(self.slow_reads), "slow_reads_more": self.slow_reads_more}
 
 
 def start_counter():
@@ -57,9 +82,15 @@ def start_counter():
 
 
 def format_line(rows: int, total: int | None, elapsed_s: float, errors: dict[str, int],
-                listed_so_far: int | None = None) -> str:
+                listed_so_far: int | None = None, *, quiet_s: float | None = None,
+                waiting: dict[str, float] | None = None, waiting_more: int = 0) -> str:
     """The progress line for `rows` of `total` scored after `elapsed_s` seconds; `total` is None
-    while a streaming listing goes on (`listed_so_far` files so far)."""
+    while a streaming listing goes on (`listed_so_far` files so far).
+
+    `quiet_s`: seconds since a row last finished, given only once that is long enough to say so;
+    then `waiting` (path -> seconds its read has waited) and `waiting_more` (further slow reads)
+    name what the run is waiting on.
+    """
     rate = rows / elapsed_s if elapsed_s > 0 else 0.0
     if total is None:
         line = f"Scored {rows:,} files, {listed_so_far or 0:,} listed so far, {rate:.1f} images/s"
@@ -70,6 +101,15 @@ def format_line(rows: int, total: int | None, elapsed_s: float, errors: dict[str
             line += f", ETA {_duration((total - shown) / rate)}"
     if errors:
         line += "; errors: " + ", ".join(f"{kind} {count:,}" for kind, count in sorted(errors.items()))
+    if quiet_s is not None:
+        line += f"; nothing finished for {_duration(quiet_s)}"
+        longest = sorted((waiting or {}).items(), key=lambda item: (-item[1], item[0]))
+        named = [f"{path} ({_duration(age)})" for path, age in longest[:SHOWN_SLOW_READS]]
+        more = len(longest) - len(named) + waiting_more
+        if more:
+            named.append(f"{more:,} more")
+        if named:
+            line += "; waiting on: " + ", ".join(named)
     return line
 
 
@@ -94,6 +134,8 @@ def logging_progress(counter, total: int | None, interval_s: float = DEFAULT_INT
     context.enable_progress_bars = False
     started = time.monotonic()
     stop = threading.Event()
+    quiet_after_s = max(QUIET_AFTER_S, 3 * interval_s)
+    last_change = {"rows": 0, "at": started}
 
     def report() -> None:
         try:
@@ -101,8 +143,17 @@ def logging_progress(counter, total: int | None, interval_s: float = DEFAULT_INT
         except Exception as exc:  # noqa: BLE001 - progress is best effort, never the job's failure
             logger.debug("No progress this time: %s", exc)
             return
+        at = time.monotonic()
+        if now["rows"] != last_change["rows"]:
+            last_change.update(rows=now["rows"], at=at)
+        quiet_s = at - last_change["at"]
+        wall = time.time()  # decode tasks stamp reads with wall time: monotonic clocks differ between nodes
         known = total if total is not None else now["files_listed"] if now["listing_done"] else None
-        logger.info(format_line(now["rows"], known, time.monotonic() - started, now["errors"], now["files_listed"]))
+        logger.info(format_line(
+            now["rows"], known, at - started, now["errors"], now["files_listed"],
+            quiet_s=quiet_s if quiet_s >= quiet_after_s else None,
+            waiting={path: max(0.0, wall - since) for path, since in now["slow_reads"].items()},
+            waiting_more=now["slow_reads_more"]))
 
     def report_every_interval() -> None:
         while not stop.wait(interval_s):

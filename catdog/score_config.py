@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from catdog.errors import CatdogError
-from catdog.imaging import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from catdog.imaging import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_READ_TIMEOUT_S
 from catdog.model_options import PRECISIONS
 
 PARTITION_COLUMNS = ("label",)
@@ -43,7 +43,10 @@ class ScoreConfig:
     partition_by: str | None = None  # "label": hive folders label=<class>/ (errors: __HIVE_DEFAULT_PARTITION__)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S  # per file's open + read; then a read_timeout row
     drop_unlisted: bool = False  # --resume: remove rows of paths the input no longer lists
+    input_moved: bool = False  # --resume from another input than the output was scored from, on purpose
+    scratch_dir: str | None = None  # local folder for resume and accounting buckets (default: system temp)
     follow_symlinks: bool = False
     top_k: int = 0  # > 0: top_k_labels / top_k_probs columns, the K best classes
     embeddings: bool = False  # an `embedding` column: the pooled backbone features
@@ -82,8 +85,12 @@ class ScoreConfig:
             raise CatdogError("--max-image-pixels must be >= 1")
         if self.max_file_bytes < 1:
             raise CatdogError("--max-file-bytes must be >= 1")
+        if not self.read_timeout_s > 0:  # also refuses NaN
+            raise CatdogError(f"--read-timeout must be > 0 seconds, got {self.read_timeout_s}")
         if self.drop_unlisted and not self.resume:
             raise CatdogError("--drop-unlisted goes with --resume")
+        if self.input_moved and not self.resume:
+            raise CatdogError("--input-moved goes with --resume")
         if self.top_k < 0:
             raise CatdogError(f"--top-k must be >= 1, got {self.top_k}")
         if self.rows_per_file < 1:

@@ -61,8 +61,25 @@ MIN_OBJECT_STORE_BUDGET = 512 * 2**20
 POOL_POLL_S = 2.0
 
 
-def decode_batch(batch: pa.Table, image_size: int, max_pixels: int, max_bytes: int) -> pa.Table:
+class _SlowReadsToCounter:
+    """An `imaging.ReadWatcher` that tells the run's `ProgressCounter` actor, fire-and-forget."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def reading_slowly(self, path: str, since: float) -> None:
+        self.counter.reading_slowly.remote(path, since)
+
+    def done_reading(self, path: str) -> None:
+        self.counter.done_reading.remote(path)
+
+
+def decode_batch(batch: pa.Table, image_size: int, max_pixels: int, max_bytes: int,
+                 read_timeout_s: float | None = imaging.DEFAULT_READ_TIMEOUT_S, counter=None) -> pa.Table:
     """Read and decode a batch of listed paths; every path gives one row (pixels, or an error).
+
+    A file whose read takes over `read_timeout_s` is a `read_timeout` row; reads that wait long
+    are reported to the progress `counter` (a `ProgressCounter` actor) while they wait.
 
     Returns an Arrow table with explicit types, so an all-null `error` column stays a string column.
     File size and time travel on as int64 with -1 for unknown: the predictor gets numpy batches,
@@ -70,7 +87,9 @@ def decode_batch(batch: pa.Table, image_size: int, max_pixels: int, max_bytes: i
     """
     from ray.data.extensions import ArrowTensorArray
 
-    decoded = imaging.read_and_decode(batch[inputs.PATH_COLUMN].to_pylist(), image_size, max_pixels, max_bytes)
+    watcher = _SlowReadsToCounter(counter) if counter is not None else None
+    decoded = imaging.read_and_decode(batch[inputs.PATH_COLUMN].to_pylist(), image_size, max_pixels, max_bytes,
+                                      read_timeout_s=read_timeout_s, watcher=watcher)
     columns = {
         "path": batch[inputs.PATH_COLUMN],
         "image": ArrowTensorArray.from_numpy(decoded["image"]),
@@ -232,7 +251,8 @@ def run_pipeline(source, total: int, with_true_label: bool, config: ScoreConfig,
         ds = ds.map_batches(
             decode_batch,
             fn_kwargs={"image_size": info.image_size, "max_pixels": config.max_image_pixels,
-                       "max_bytes": config.max_file_bytes},
+                       "max_bytes": config.max_file_bytes, "read_timeout_s": config.read_timeout_s,
+                       "counter": counter},
             batch_size=batch_size,
             batch_format="pyarrow",
             num_cpus=DECODE_CPUS,

@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="refuse images with more pixels than this (decompression bombs; default 100,000,000)")
     parser.add_argument("--max-file-bytes", type=int, default=None,
                         help="files larger than this become 'too_large' rows without being read (default 64 MiB)")
+    parser.add_argument("--read-timeout", type=float, default=None, metavar="SECONDS", dest="read_timeout_s",
+                        help="a file whose open + read takes longer becomes a 'read_timeout' row (a hung NFS mount, a "
+                             "stalled object-store read; default 120)")
     parser.add_argument("--follow-symlinks", action="store_true", help="follow symlinks that lead outside --input")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="delete catdog's files in --output first (others are kept)")
@@ -62,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="check input, model and output, time a short warm-up and print the plan; write nothing")
     parser.add_argument("--drop-unlisted", action="store_true",
                         help="with --resume: remove rows of paths the input no longer lists (default: keep and report)")
+    parser.add_argument("--input-moved", action="store_true",
+                        help="with --resume: the input moved on purpose; resume from this --input although the output "
+                             "was scored from another (default: refused, exit 2)")
+    parser.add_argument("--scratch-dir", default=None, metavar="FOLDER",
+                        help="local folder for the resume and accounting buckets, about the size of the paths "
+                             "(default: the system's temporary folder, often in RAM)")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -71,7 +80,8 @@ def run(args: argparse.Namespace) -> None:
     from catdog.tracking import resolve_model
 
     model, model_uri = resolve_model(args.model, args.mlflow_uri)  # models:/, runs:/: a downloaded copy
-    optional = {name: getattr(args, name) for name in ("max_image_pixels", "max_file_bytes", "rows_per_file")
+    optional = {name: getattr(args, name)
+                for name in ("max_image_pixels", "max_file_bytes", "rows_per_file", "read_timeout_s")
                 if getattr(args, name) is not None}
     plan_or_score = score
     if args.dry_run:
@@ -80,7 +90,8 @@ def run(args: argparse.Namespace) -> None:
         model=model, model_uri=model_uri, input=args.input, output=args.output, precision=args.precision,
         use_gpu=args.use_gpu, gpus_per_worker=args.gpus_per_worker, num_workers=args.num_workers,
         min_workers=args.min_workers, max_workers=args.max_workers, batch_size=args.batch_size,
-        overwrite=args.overwrite, resume=args.resume, drop_unlisted=args.drop_unlisted,
+        overwrite=args.overwrite, resume=args.resume, drop_unlisted=args.drop_unlisted, input_moved=args.input_moved,
+        scratch_dir=args.scratch_dir,
         partition_by=args.partition_by, follow_symlinks=args.follow_symlinks, ray_address=args.ray_address,
         assume_shared_storage=args.assume_shared_storage, wait_for_workers_s=args.wait_for_workers,
         top_k=args.top_k, embeddings=args.embeddings, **optional,

@@ -7,6 +7,9 @@ Used by the decode unit tests and the scoring tests. Every image is small (at mo
 from __future__ import annotations
 
 import io
+import os
+import socket
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -88,6 +91,37 @@ def write_corpus(root: Path) -> dict[str, Expected]:
     put("nested/photo.bmp", _save(Image.fromarray(_noise(16, 16, 5)), "BMP"), Expected(None, (16, 16)))
     put("folder.jpg/inside.jpg", _jpeg(_noise(20, 20, 6)), Expected(None, (20, 20)))
     (root / "notes.txt").write_text("not an image extension: never listed\n")
+    return expected
+
+
+def write_storage_oddities(root: Path) -> dict[str, Expected]:
+    """What real storage holds beside tidy files, under `root`; {escaped path relative to root: Expected}.
+
+    A Latin-1 file name (bytes that are not UTF-8; keyed by the `path` column's spelling, see
+    `catdog.input_paths`), a FIFO named like an image (opening it would block for ever), a Unix
+    socket, and a character device when this process may make one (root). Never read these with
+    plain `open()` in a test: the FIFO blocks.
+    """
+    from catdog.input_paths import escape_local_path
+
+    root.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, Expected] = {}
+    latin1 = os.path.join(os.fsencode(root), b"legacy", b"caf\xe9 cr\xe8me.jpg")
+    os.makedirs(os.path.dirname(latin1), exist_ok=True)
+    with open(latin1, "wb") as f:
+        f.write(_jpeg(_noise(26, 18, 7)))
+    expected[escape_local_path(os.path.relpath(os.fsdecode(latin1), root))] = Expected(None, (26, 18))
+    os.mkfifo(root / "pipe.jpg")
+    expected["pipe.jpg"] = Expected("not_a_regular_file")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(root / "socket.png"))
+    listener.close()  # the socket file stays
+    expected["socket.png"] = Expected("not_a_regular_file")
+    try:
+        os.mknod(root / "device.jpg", stat.S_IFCHR | 0o644, os.makedev(1, 3))  # /dev/null's numbers
+        expected["device.jpg"] = Expected("not_a_regular_file")
+    except PermissionError:
+        pass  # not root: no device file in the corpus
     return expected
 
 

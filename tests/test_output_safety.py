@@ -15,7 +15,8 @@ import pytest
 from catdog import imaging, storage
 from catdog.errors import OutputExistsError
 from catdog.inputs import list_inputs
-from catdog.predictions_folder import RUN_MARKER, SUCCESS_FILE, PredictionsFolder, plan_resume, predictions_schema
+from catdog.ledger import plan_resume
+from catdog.predictions_folder import RUN_MARKER, SUCCESS_FILE, PredictionsFolder, predictions_schema
 from catdog.sample_data import generate_sample_dataset, remove_sample_dataset
 from catdog.score_config import ScoreConfig
 from conftest import run_job_module

@@ -22,9 +22,10 @@ from catdog import predictions_folder as output
 from catdog.predictions_folder import PredictionsFolder, predictions_schema
 from catdog.errors import CatdogError, OutputExistsError
 from catdog.imaging import decode_image
+from catdog.input_paths import local_path_bytes
 from catdog.score_config import ScoreConfig
 from conftest import job_lines, run_job_module
-from hostile_corpus import MAX_PIXELS, write_corpus
+from hostile_corpus import MAX_PIXELS, write_corpus, write_storage_oddities
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cats", "dogs"]
@@ -51,7 +52,7 @@ def _in_process_probs(run: Path, paths: list[str], precision: str = "float32") -
     from catdog.model import load_model
 
     model = inference_model(load_model(str(run)), precision)
-    pixels = np.stack([decode_image(Path(p).read_bytes(), 32)[0] for p in paths])
+    pixels = np.stack([decode_image(Path(os.fsdecode(local_path_bytes(p))).read_bytes(), 32)[0] for p in paths])
     # A graph, as in the predictor: in bfloat16 TensorFlow's graph fusions (conv + bias + relu)
     # round once where eager rounds per op, which moves these 32 px probabilities by up to 0.02.
     forward = tf.function(lambda x: model(x, training=False))
@@ -162,7 +163,7 @@ def test_resume_quarantines_truncated_parts_and_refuses_another_model(tmp_path):
     assert sorted(done) == ["/a.jpg", "/b.jpg"]
     assert state.kept_files == [str(good)] and len(state.quarantined) == 1
     assert not bad.exists() and (out / output.QUARANTINE_DIR / bad.name).exists()
-    assert not (out / output.SUCCESS_FILE).exists()  # partial again while the resumed run works
+    assert (out / output.SUCCESS_FILE).exists()  # kept until the resumed run is about to change rows
     assert PredictionsFolder(str(out)).part_files() == [str(good)]
     assert pd.read_parquet(out)["path"].tolist() == ["/a.jpg", "/b.jpg"]  # readers skip _quarantine
 
@@ -254,14 +255,14 @@ def test_a_late_write_of_a_killed_run_is_dropped_when_the_resumed_run_rescored_i
     folder = PredictionsFolder(str(out))
     with pytest.raises(output.AccountingError, match="2 duplicates") as failed:
         folder.account(listed)
-    assert sorted(failed.value.duplicated_paths.to_pylist()) == ["/b.jpg", "/c.jpg"]
-    assert folder.drop_superseded_files(failed.value.duplicated_paths, "bbbbbbbbbbbb") == [str(late)]
+    assert failed.value.duplicates == 2
+    assert folder.drop_superseded_files("bbbbbbbbbbbb", str(tmp_path)) == [str(late)]
     assert kept.exists() and folder.account(listed)["rows_written"] == 4
 
 
 def test_accounting_runs_in_a_one_shot_worker_and_its_verdicts_come_back_whole(tmp_path, ray_cluster):
-    """With Ray up, accounting runs off the driver; a failed verdict still names the repeated
-    paths (the late-write recovery needs them) and kept unlisted rows still count."""
+    """With Ray up, accounting runs off the driver; a failed verdict still counts the repeated
+    rows (the late-write recovery looks for them) and kept unlisted rows still count."""
     from catdog import ledger
     from catdog.scoring import _account_beside_driver
 
@@ -271,12 +272,12 @@ def test_accounting_runs_in_a_one_shot_worker_and_its_verdicts_come_back_whole(t
     for index, paths in enumerate((["/a.jpg"], ["/b.jpg"])):
         folder.write_listing_chunk(index, pa.table({"path": paths}))
     kept = ledger.split([pa.table({"path": ["/old.jpg"]})], str(tmp_path / "kept"), 1, pa.schema([("path", pa.string())]))
-    counts = _account_beside_driver(folder, kept, listed_rows=2)
+    counts = _account_beside_driver(folder, kept, listed_rows=2, scratch=str(tmp_path))
     assert (counts["rows_written"], counts["rows_not_in_listing"]) == (2, 1)
     _write_part(out, ["/b.jpg"], 1)
     with pytest.raises(output.AccountingError, match="1 duplicates") as failed:
-        _account_beside_driver(folder, kept, listed_rows=2)
-    assert failed.value.duplicated_paths.to_pylist() == ["/b.jpg"]
+        _account_beside_driver(folder, kept, listed_rows=2, scratch=str(tmp_path))
+    assert failed.value.duplicates == 1
 
 
 # ---- slow: the pipeline on the session's Ray cluster ----
@@ -284,7 +285,7 @@ def test_accounting_runs_in_a_one_shot_worker_and_its_verdicts_come_back_whole(t
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile-input")
-    return root, write_corpus(root)
+    return root, {**write_corpus(root), **write_storage_oddities(root)}
 
 
 @pytest.mark.slow
@@ -365,7 +366,8 @@ def test_interrupted_run_resumes_to_exact_rows_then_overwrite_partitions(ray_clu
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     (out / output.SUCCESS_FILE).unlink()
 
-    summary = score(_config(tiny_model_run, root, out, resume=True, max_image_pixels=MAX_PIXELS))
+    # The same files, now listed from their folder instead of the first manifest: moved on purpose.
+    summary = score(_config(tiny_model_run, root, out, resume=True, input_moved=True, max_image_pixels=MAX_PIXELS))
     table = _read(out)
     assert table.num_rows == len(expected) == len(set(table["path"].to_pylist()))
     assert summary["rows_scored_this_run"] == len(expected) - 12 + lost
@@ -373,7 +375,7 @@ def test_interrupted_run_resumes_to_exact_rows_then_overwrite_partitions(ray_clu
     assert [Path(q).name for q in summary["quarantined_files"]] == [truncated.name]
     assert (out / output.QUARANTINE_DIR / truncated.name).exists()
 
-    again = score(_config(tiny_model_run, root, out, resume=True))  # nothing left: no pipeline runs
+    again = score(_config(tiny_model_run, root, out, resume=True, max_image_pixels=MAX_PIXELS))  # nothing left
     assert again["rows_scored_this_run"] == 0 and again["rows_written"] == len(expected)
 
     (out / "README.txt").write_text("someone else's file")
