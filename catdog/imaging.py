@@ -6,23 +6,15 @@ model sees the same pixels in every job.
 
 from __future__ import annotations
 
-import errno
 import io
-import os
-import queue
-import stat
-import threading
-import time
 import warnings
-from concurrent.futures import Future
-from functools import lru_cache
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from catdog.errors import ImageDecodeError
-from catdog.input_paths import unescape_local_path
+from catdog.file_reads import DEFAULT_MAX_FILE_BYTES, DEFAULT_READ_TIMEOUT_S, ReadWatcher, read_ahead, read_file
 
 # Default decompression-bomb limit: 100 megapixels (a 10,000 x 10,000 photo) is far beyond any
 # camera image we expect, while a 30,000 x 30,000 PNG (900 MP, ~2.7 GB as RGB) is refused before
@@ -106,169 +98,6 @@ def decode_image(
     return pixels, width, height
 
 
-# Files larger than this are `too_large` rows, never read: a multi-GB file named .jpg would
-# otherwise land whole in a decode worker's memory. Camera JPEGs are far smaller.
-DEFAULT_MAX_FILE_BYTES = 64 * 2**20
-# Seconds one file's open + read may take: 64 MiB may still come at 0.5 MB/s; a hung NFS mount gives up in 2 min.
-DEFAULT_READ_TIMEOUT_S = 120.0
-# A read waiting this long (or a quarter of the limit, if less) is reported as slow to the progress line.
-SLOW_READ_S = 30.0
-# Schemes a worker can read through pyarrow; any other becomes an `unsupported_scheme` row.
-READABLE_SCHEMES = ("s3", "gs", "gcs", "file")
-
-_FILE_TYPES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
-@lru_cache(maxsize=64)
-def _filesystem_for(prefix: str):
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(prefix)[0]
-
-
-def _too_large(size: int, max_bytes: int) -> ImageDecodeError:
-    return ImageDecodeError("too_large", f"file is {size:,} bytes, over the limit of {max_bytes:,} (--max-file-bytes)")
-
-
-def _check_regular(mode: int, name: str) -> None:
-    """Raise unless `mode` is a regular file: a directory is an OSError, anything else not_a_regular_file."""
-    if stat.S_ISREG(mode):
-        return
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
-    what = next((text for is_type, text in _FILE_TYPES if is_type(mode)), f"file type {stat.S_IFMT(mode):o}")
-    raise ImageDecodeError("not_a_regular_file", what)
-
-
-def _open_regular(name: str) -> int:
-    """Open a local file for reading, refusing anything that is not a regular file.
-
-    O_NONBLOCK: a FIFO swapped in after the caller's stat opens at once instead of waiting for a
-    writer, and fstat then refuses it. It changes nothing for a regular file's reads.
-    """
-    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        _check_regular(os.fstat(fd).st_mode, name)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _read_local(path: str, max_bytes: int | None) -> bytes:
-    """Read a local file named by its `path` column spelling (catdog.input_paths: non-UTF-8 bytes escaped)."""
-    name = unescape_local_path(path)
-    _check_regular(os.stat(name).st_mode, name)  # follows links; a FIFO or device is never opened
-    with os.fdopen(_open_regular(name), "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if max_bytes is not None and size > max_bytes:
-            raise _too_large(size, max_bytes)
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)  # the file may have grown since fstat
-    if max_bytes is not None and len(data) > max_bytes:
-        raise _too_large(len(data), max_bytes)
-    return data
-
-
-def read_file(path: str, max_bytes: int | None = None) -> bytes:
-    """Read one local file or URI, reusing one filesystem object per bucket. No time limit: see
-    `read_and_decode` for one.
-
-    A local `path` is taken in the `path` column's spelling (`catdog.input_paths`); only regular
-    files are opened.
-
-    Raises:
-        ImageDecodeError: `too_large` when the file has more than `max_bytes` (checked before
-            reading), `unsupported_scheme` for a URI no worker can open, `not_a_regular_file` for a
-            FIFO, socket or device (never opened).
-        OSError: the file cannot be read (IsADirectoryError for a directory).
-    """
-    if "://" in path:
-        scheme, rest = path.split("://", 1)
-        if scheme.lower() not in READABLE_SCHEMES:
-            raise ImageDecodeError("unsupported_scheme", f"cannot read {scheme}:// paths (readable: {READABLE_SCHEMES})")
-        if scheme.lower() != "file":
-            bucket, _, key = rest.partition("/")
-            fs = _filesystem_for(f"{scheme.lower()}://{bucket}")
-            with fs.open_input_file(f"{bucket}/{key}") as f:  # sized read: faster than a stream (benchmarks/s3_read_bench.py)
-                if max_bytes is not None and f.size() > max_bytes:
-                    raise _too_large(f.size(), max_bytes)
-                return f.read()
-        path = rest
-    return _read_local(path, max_bytes)
-
-
-class ReadWatcher(Protocol):
-    """Told of reads that wait long (`catdog.progress.ProgressCounter` has these methods)."""
-
-    def reading_slowly(self, path: str, since: float) -> None: ...  # since: time.time() when the read began
-
-    def done_reading(self, path: str) -> None: ...
-
-
-class _ReadThread:
-    """One daemon thread running reads one at a time; abandoned when a read outlives its limit.
-
-    A thread blocked in the kernel (a hung NFS mount, a socket that never answers) cannot be
-    killed. It is left behind, daemon so it never holds up the process's exit, and a new thread
-    takes the next reads, so they do not queue behind it. Memory: one stuck thread (its stack)
-    per hung file, for as long as the file stays hung; it ends by itself if the read returns.
-    """
-
-    def __init__(self):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="catdog-read", daemon=True).start()
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            future, fn, args = job
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
-                future.set_exception(exc)
-
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        future.set_running_or_notify_cancel()
-        self._jobs.put((future, fn, args))
-        return future
-
-    def stop(self) -> None:
-        """Let the thread end once its current read returns (at once when idle)."""
-        self._jobs.put(None)
-
-
-class _TimedReader:
-    """`read_file` under a time limit per file, reporting slow reads to a `ReadWatcher`."""
-
-    def __init__(self, limit_s: float, watcher: ReadWatcher | None):
-        self.limit_s, self.watcher = limit_s, watcher
-        self.slow_after_s = min(SLOW_READ_S, limit_s / 4)
-        self._thread = _ReadThread()
-
-    def read(self, path: str, max_bytes: int | None) -> bytes:
-        since = time.time()
-        future = self._thread.submit(read_file, path, max_bytes)
-        try:
-            return future.result(timeout=self.slow_after_s)
-        except TimeoutError:
-            pass
-        if self.watcher is not None:
-            self.watcher.reading_slowly(path, since)
-        try:
-            return future.result(timeout=max(0.0, self.limit_s - (time.time() - since)))
-        except TimeoutError:
-            self._thread.stop()  # abandoned: it ends if its read ever returns
-            self._thread = _ReadThread()
-            raise ImageDecodeError("read_timeout", f"no data after {self.limit_s:g} s") from None
-        finally:
-            if self.watcher is not None:
-                self.watcher.done_reading(path)
-
-    def close(self) -> None:
-        self._thread.stop()
-
-
 def read_and_decode(
     paths: Sequence[str], image_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_bytes: int | None = DEFAULT_MAX_FILE_BYTES, read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S,
@@ -276,10 +105,9 @@ def read_and_decode(
 ) -> dict[str, np.ndarray]:
     """Read and decode a batch of files; a failure is recorded per file, never raised.
 
-    Each file's read (open + read) runs in a worker thread and may take `read_timeout_s` (None: no
-    limit): a file that takes longer is a `read_timeout` row and the batch moves on, leaving the
-    stuck thread behind (`_ReadThread`). A read waiting more than SLOW_READ_S (or a quarter of the
-    limit) is reported to `watcher` until it ends.
+    Files are read a few ahead of decoding, each within `read_timeout_s` (None: no limit, read
+    here): a file that takes longer is a `read_timeout` row and the batch moves on
+    (`catdog.file_reads.read_ahead`, which also reports reads that wait long to `watcher`).
 
     Returns columns `image` uint8 [n, s, s, 3] (zeros where decoding failed), `width`, `height`
     int32 (-1 where unknown) and `error` (None where decoded, else "kind: message").
@@ -289,28 +117,35 @@ def read_and_decode(
     widths = np.full(n, -1, dtype=np.int32)
     heights = np.full(n, -1, dtype=np.int32)
     errors: list[str | None] = [None] * n
-    reader = _TimedReader(read_timeout_s, watcher) if read_timeout_s is not None and n else None
-    try:
-        for i, path in enumerate(paths):
-            try:
-                data = reader.read(path, max_bytes) if reader else read_file(path, max_bytes)
-            except ImageDecodeError as exc:
-                errors[i] = str(exc)
-                continue
-            except IsADirectoryError as exc:
-                errors[i] = f"read_error: is a directory: {exc}"
-                continue
-            except Exception as exc:  # noqa: BLE001 - OSError, or pyarrow refusing a malformed URI: one bad file
-                errors[i] = f"read_error: {type(exc).__name__}: {exc}"
-                continue
-            try:
-                images[i], widths[i], heights[i] = decode_image(data, image_size, max_pixels)
-            except ImageDecodeError as exc:
-                errors[i] = str(exc)
-    finally:
-        if reader:
-            reader.close()
+    if read_timeout_s is None:
+        reads = (_read_now(path, max_bytes) for path in paths)
+    else:
+        reads = read_ahead(paths, max_bytes, read_timeout_s, watcher)
+    for i, (data, failure) in enumerate(reads):
+        if failure is not None:
+            errors[i] = _read_error(failure)
+            continue
+        try:
+            images[i], widths[i], heights[i] = decode_image(data, image_size, max_pixels)
+        except ImageDecodeError as exc:
+            errors[i] = str(exc)
     return {"image": images, "width": widths, "height": heights, "error": np.array(errors, dtype=object)}
+
+
+def _read_now(path: str, max_bytes: int | None) -> tuple[bytes | None, Exception | None]:
+    try:
+        return read_file(path, max_bytes), None
+    except Exception as exc:  # noqa: BLE001 - one bad file
+        return None, exc
+
+
+def _read_error(failure: Exception) -> str:
+    """The error string of a file that could not be read."""
+    if isinstance(failure, ImageDecodeError):
+        return str(failure)
+    if isinstance(failure, IsADirectoryError):
+        return f"read_error: is a directory: {failure}"
+    return f"read_error: {type(failure).__name__}: {failure}"  # OSError, or pyarrow refusing a malformed URI
 
 
 def error_kind(error: str | None) -> str | None:

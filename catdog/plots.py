@@ -20,7 +20,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from catdog import storage  # noqa: E402
 from catdog.errors import ImageDecodeError  # noqa: E402
-from catdog.imaging import decode_image, read_file  # noqa: E402
+from catdog.file_reads import read_file  # noqa: E402
+from catdog.imaging import decode_image  # noqa: E402
 from catdog.metrics import Reliability, roc_curve  # noqa: E402
 
 logger = logging.getLogger(__name__)

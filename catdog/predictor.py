@@ -188,11 +188,11 @@ def predict_image(model: str, image: str, precision: str = "float32",
         InputError: the image cannot be read or decoded.
         ModelLoadError: the model cannot be loaded safely.
     """
-    from catdog import imaging
+    from catdog import file_reads, imaging
 
     keras_model, info = load_checked(model, precision)
     try:
-        data = imaging.read_file(image)
+        data = file_reads.read_file(image)
         kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
         pixels, width, height = imaging.decode_image(data, info.image_size, **kwargs)
     except (OSError, ImageDecodeError) as exc:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from catdog.errors import CatdogError
-from catdog.imaging import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_READ_TIMEOUT_S
+from catdog.file_reads import DEFAULT_MAX_FILE_BYTES, DEFAULT_READ_TIMEOUT_S
+from catdog.imaging import DEFAULT_MAX_IMAGE_PIXELS
 from catdog.model_options import PRECISIONS
 
 PARTITION_COLUMNS = ("label",)

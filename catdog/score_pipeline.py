@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catdog import imaging, inputs, progress
+from catdog import file_reads, imaging, inputs, progress
 from catdog.actor_pool import model_actor_pool
 from catdog.errors import ModelLoadError
 from catdog.predictions_folder import PredictionsFolder, predictions_schema
@@ -62,7 +62,7 @@ POOL_POLL_S = 2.0
 
 
 class _SlowReadsToCounter:
-    """An `imaging.ReadWatcher` that tells the run's `ProgressCounter` actor, fire-and-forget."""
+    """An `file_reads.ReadWatcher` that tells the run's `ProgressCounter` actor, fire-and-forget."""
 
     def __init__(self, counter):
         self.counter = counter
@@ -75,7 +75,7 @@ class _SlowReadsToCounter:
 
 
 def decode_batch(batch: pa.Table, image_size: int, max_pixels: int, max_bytes: int,
-                 read_timeout_s: float | None = imaging.DEFAULT_READ_TIMEOUT_S, counter=None) -> pa.Table:
+                 read_timeout_s: float | None = file_reads.DEFAULT_READ_TIMEOUT_S, counter=None) -> pa.Table:
     """Read and decode a batch of listed paths; every path gives one row (pixels, or an error).
 
     A file whose read takes over `read_timeout_s` is a `read_timeout` row; reads that wait long

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from catdog.imaging import _open_regular, error_kind, read_and_decode
+from catdog.file_reads import _open_regular
+from catdog.imaging import error_kind, read_and_decode
 from catdog.input_paths import escape_local_path
 from catdog.progress import MAX_SLOW_READS, ProgressCounter, format_line
 
@@ -117,7 +118,7 @@ class _Watcher:
 
 @pytest.fixture
 def stalling_bucket(s3_server, monkeypatch):
-    """A bucket of its own (so `imaging._filesystem_for` makes a new filesystem, through the proxy)
+    """A bucket of its own (so `file_reads._filesystem_for` makes a new filesystem, through the proxy)
     on the session's S3 server, read through a proxy that never answers GETs of keys with "stall"."""
     from stalling_s3 import StallingS3Proxy
 
