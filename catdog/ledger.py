@@ -156,7 +156,7 @@ def plan_resume(listed: pa.Table, done: pa.Table) -> ResumePlan:
     done_paths = done[PATH_COLUMN].combine_chunks()
     listed_mask = pc.is_in(done_paths, value_set=listed[PATH_COLUMN])
     unlisted = pc.unique(done_paths.filter(pc.invert(listed_mask)))
-    overlap = pc.count_distinct(done_paths.filter(listed_mask)).as_py() if len(done_paths) else 0
+    overlap = pc.sum(listed_mask).as_py() or 0  # rows of listed paths: a row each, in a sound output
     changed = empty
     stats = [c for c in (SIZE_COLUMN, MODIFIED_COLUMN) if c in done.column_names and c in listed.column_names]
     if stats:
@@ -167,10 +167,12 @@ def plan_resume(listed: pa.Table, done: pa.Table) -> ResumePlan:
             differs = pc.or_(differs, pc.fill_null(pc.not_equal(both[column], both[f"row_{column}"]), False))
         changed = pc.unique(both[PATH_COLUMN].filter(differs).combine_chunks()) if both.num_rows else empty
     retried = empty
-    if "error" in done.column_names:
-        kinds = pc.list_element(pc.split_pattern(pc.fill_null(done["error"], ""), ":", max_splits=1), 0)
-        transient = pc.and_(pc.is_in(kinds, value_set=pa.array(sorted(TRANSIENT_ERROR_KINDS))), listed_mask)
-        retried = pc.unique(done_paths.filter(transient).combine_chunks())
+    if "error" in done.column_names and done["error"].null_count < done.num_rows:
+        errors = done["error"].combine_chunks()
+        transient = pa.array(np.zeros(len(errors), dtype=bool))
+        for kind in sorted(TRANSIENT_ERROR_KINDS):
+            transient = pc.or_(transient, pc.fill_null(pc.starts_with(errors, f"{kind}:"), False))
+        retried = pc.unique(done_paths.filter(pc.and_(transient, listed_mask)))
         if len(changed):
             retried = retried.filter(pc.invert(pc.is_in(retried, value_set=changed)))
     again = pa.concat_arrays([changed, retried]) if len(retried) else changed

@@ -113,6 +113,20 @@ def s3(s3_server):
     return s3_server.new_bucket()
 
 
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """This process reaches the module's bucket through the standard AWS variables, as jobs do."""
+    from catdog import file_reads
+
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    file_reads._filesystem_for.cache_clear()  # filesystems read the variables when created
+    yield s3
+    file_reads._filesystem_for.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def sample_images(tmp_path_factory) -> Path:
     """A separable two-class folder of real JPEG/PNG files (cats/, dogs/), 40 images each."""

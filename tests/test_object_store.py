@@ -8,25 +8,9 @@ a job's user mistake on S3 mapped to exit code 2.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from conftest import run_job_module
-
-
-@pytest.fixture
-def s3_env(s3, monkeypatch):
-    """This process talks to the local server through the standard AWS variables, as jobs do."""
-    from catdog import file_reads
-
-    for key in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(key)
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
-    file_reads._filesystem_for.cache_clear()  # filesystems read the variables when created
-    yield s3
-    file_reads._filesystem_for.cache_clear()
 
 
 def test_storage_round_trip_on_s3(s3_env, tmp_path):

@@ -31,16 +31,6 @@ class Output:
         self.location, self.read, self.write = location, read, write
 
 
-@pytest.fixture
-def s3_env(s3, monkeypatch):
-    """This process reaches the local server through the standard AWS variables, as jobs do."""
-    for key in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(key)
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
-    return s3
-
-
 def local_output(folder) -> Output:
     lease = folder / LEASE_FILE
 
