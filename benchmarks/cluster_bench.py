@@ -60,7 +60,7 @@ def build_model(run: Path, image_size: int) -> Path:
 
 def steady_state(out: Path) -> dict:
     """Images/s between the first and the last predictor batch, from the scored_at stamps."""
-    from catdog.predictions_folder import PredictionsFolder
+    from catdog.score.predictions_folder import PredictionsFolder
 
     stamps = PredictionsFolder(str(out)).read(columns=["scored_at"])["scored_at"].cast("int64").to_numpy()
     after_first = int((stamps > stamps.min()).sum())

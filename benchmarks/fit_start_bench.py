@@ -1,11 +1,11 @@
 """What a Ray Train fit costs before and after the training loop: Ray's TensorFlow backend config
-against catdog's (`catdog.tf_backend`), side by side.
+against catdog's (`catdog.train.backend`), side by side.
 
     python benchmarks/fit_start_bench.py [--rounds 3] [--workers 1]
 
 Each round runs, in ABBA order, each on a fresh local Ray, a fit whose loop only sleeps 1 s, once with
 `ray.train.tensorflow.TensorflowConfig` (its controller unpickles it and so imports TensorFlow)
-and once with `catdog.tf_backend.TensorflowWorkersConfig`, through catdog's own trainer class.
+and once with `catdog.train.backend.TensorflowWorkersConfig`, through catdog's own trainer class.
 Records the wall time of each `fit()`, and the Train controller's peak RSS (VmHWM) and CPU
 seconds, read from /proc while the fit runs. Writes benchmarks/results/fit_start_bench.json.
 """
@@ -52,8 +52,8 @@ def _controller_pids() -> list[int]:
 def one_fit(backend: str, workers: int, storage: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
 
-    from catdog.tf_backend import TensorflowWorkersConfig
-    from catdog.trainer import trainer_class
+    from catdog.train.backend import TensorflowWorkersConfig
+    from catdog.train.fit import trainer_class
 
     def loop() -> None:
         time.sleep(1)
@@ -82,10 +82,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
 
-    from catdog.process_env import quiet_environment
+    from catdog.process import quiet_environment
 
     quiet_environment()
-    from catdog.ray_session import init_ray
+    from catdog.cluster.session import init_ray
 
     import ray
 

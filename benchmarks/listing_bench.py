@@ -4,8 +4,8 @@ Starts moto's S3 server on 127.0.0.1 (tests/s3local.py; no AWS), fills two flat 
 objects (hex names, as content-addressed stores use), each in a bucket of its own, and lists each
 in a fresh subprocess, so that its peak RSS is the listing's own, side by side:
 - one call: pyarrow `FileSelector(prefix, recursive=True)`, sorted, then rows (what
-  `catdog.folder_walk.walk_uri` did);
-- paged: `catdog.bucket_listing.list_images`, pages of 1,000 keys, key ranges listed ahead in
+  `catdog.io.folder_walk.walk_uri` did);
+- paged: `catdog.io.bucket_listing.list_images`, pages of 1,000 keys, key ranges listed ahead in
   threads (what `walk_uri` does now for s3://);
 - paged_1: the same with one lister (no key ranges, one page read ahead in a thread).
 
@@ -41,8 +41,8 @@ _LISTING = """
 import json, sys, time
 contender, uri, listers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 import boto3, pyarrow.fs as pafs  # both contenders import the same modules before the baseline
-from catdog import bucket_listing, storage
-from catdog.input_paths import normalise_path
+from catdog.io import bucket_listing, storage
+from catdog.io.paths import normalise_path
 
 def rss_mib():
     with open("/proc/self/status") as status:
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--listers", type=int, default=None, help="key ranges listed at once (default: catdog's)")
     args = parser.parse_args()
 
-    from catdog import bucket_listing
+    from catdog.io import bucket_listing
     from s3local import LocalS3Server
 
     listers = args.listers or bucket_listing.LISTERS

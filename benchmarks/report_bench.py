@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.peak_memory import run_python  # noqa: E402
-from catdog.predictions_folder import predictions_schema  # noqa: E402
+from catdog.score.predictions_folder import predictions_schema  # noqa: E402
 
 PANDAS_NAIVE = """
 import sys, pandas as pd
@@ -90,7 +90,7 @@ def main() -> None:
         for batch in ("65536", "1000000"):
             runs[f"jobs.report batch_size={batch}"] = measure(
                 "-c",
-                "import sys; from catdog.report import ReportConfig, report; "
+                "import sys; from catdog.analyse.report import ReportConfig, report; "
                 f"report(ReportConfig(sys.argv[1], output=sys.argv[2], batch_size={batch}))",
                 [str(folder), str(Path(tmp) / f"report-{batch}")],
             )

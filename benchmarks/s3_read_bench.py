@@ -2,7 +2,7 @@
 
 Starts moto's S3 server on 127.0.0.1 (no AWS), puts objects of image and model sizes, and reads
 each whole, side by side: `open_input_stream().read()`, `open_input_file().read()` (what
-catdog.storage.read_bytes and catdog.imaging.read_file use), and boto3 `get_object` as a reference.
+catdog.io.storage.read_bytes and catdog.io.imaging.read_file use), and boto3 `get_object` as a reference.
 
     python benchmarks/s3_read_bench.py
 Prints a table and writes benchmarks/results/s3_read_bench.json. Measured here (2 shared cores,

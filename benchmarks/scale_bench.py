@@ -62,7 +62,7 @@ def _model(work: Path) -> Path:
 
 def _fake_output(out: Path, paths: pa.Array, model_id: str) -> None:
     """An output as a finished run leaves it: part files, run marker, listing (not timed)."""
-    from catdog.predictions_folder import RUN_MARKER, PartFilenameProvider, predictions_schema
+    from catdog.score.predictions_folder import RUN_MARKER, PartFilenameProvider, predictions_schema
 
     out.mkdir(parents=True)
     schema = predictions_schema(["cats", "dogs"])
@@ -84,7 +84,7 @@ def _fake_output(out: Path, paths: pa.Array, model_id: str) -> None:
 
 
 def bookkeeping(n: int, work: Path) -> dict:
-    from catdog.run_folder import describe_model
+    from catdog.model.run_folder import describe_model
 
     model = _model(work)
     paths = pa.array([f"/data/images/{i // 10000:05d}/{i:010d}.jpg" for i in range(n)], pa.string())
@@ -106,7 +106,7 @@ def bookkeeping(n: int, work: Path) -> dict:
 
 def resume(n: int, work: Path) -> dict:
     """Plain resume (nothing to do) against --drop-unlisted removing n/2 rows, same output size."""
-    from catdog.run_folder import describe_model
+    from catdog.model.run_folder import describe_model
 
     model = _model(work)
     model_id = describe_model(str(model)).model_id
@@ -134,7 +134,7 @@ def resume(n: int, work: Path) -> dict:
 
 _LIST_FOLDER = """
 import sys
-from catdog.inputs import open_input
+from catdog.io.inputs import open_input
 chunks = rows = 0
 for chunk in open_input(sys.argv[1]).chunks():
     chunks += 1
@@ -171,7 +171,7 @@ def score(n: int, work: Path) -> dict:
                      cwd=REPO, env=_env(), timeout=7200)
     if run.returncode != 0:
         raise RuntimeError(run.stderr[-3000:])
-    from catdog.predictions_folder import PredictionsFolder
+    from catdog.score.predictions_folder import PredictionsFolder
 
     stamps = np.sort(PredictionsFolder(str(out)).read(columns=["scored_at"])["scored_at"].cast("int64").to_numpy())
     first, last = stamps[0] / 1e6, stamps[-1] / 1e6

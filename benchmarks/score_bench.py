@@ -5,7 +5,7 @@
 
 Measured, each in its own fresh process (peak RSS summed over the whole process tree, Ray's
 processes included, sampled every 0.2 s):
-- ceiling_<precision>: the predictor's own forward (catdog.predictor.Predictor.predict) on
+- ceiling_<precision>: the predictor's own forward (catdog.score.predictor.Predictor.predict) on
   pre-decoded uint8 batches, no I/O, run as the scoring actor runs it (Predictor.concurrent_batches
   batches at once): the most scoring can reach on this machine;
 - tutorial: keras image_dataset_from_directory + model.predict + pandas to_parquet, one process;
@@ -93,9 +93,9 @@ def worker_build(run: str, image_size: int) -> None:
 def worker_ceiling(run: str, precision: str, images: int, batch_size: int) -> None:
     import numpy as np
 
-    from catdog.imaging import decode_image
-    from catdog.predictor import Predictor
-    from catdog.run_folder import describe_model
+    from catdog.io.imaging import decode_image
+    from catdog.model.run_folder import describe_model
+    from catdog.score.predictor import Predictor
 
     info = describe_model(run)
     files = sorted(PHOTOS.rglob("*.jpg"))[:batch_size]
@@ -123,7 +123,7 @@ def worker_ceiling(run: str, precision: str, images: int, batch_size: int) -> No
 
 def worker_tutorial(run: str, folder: str, out: str, batch_size: int) -> None:
     started = time.perf_counter()
-    from catdog import model as catdog_model
+    from catdog.model import build as catdog_model
 
     import keras
     import pandas as pd
@@ -165,7 +165,7 @@ def steady_state(out: Path) -> dict:
     import pyarrow.compute as pc
 
     sys.path.insert(0, str(ROOT))
-    from catdog.predictions_folder import PredictionsFolder
+    from catdog.score.predictions_folder import PredictionsFolder
 
     table = PredictionsFolder(str(out)).read(columns=["scored_at"])
     stamps = table["scored_at"].cast("int64").to_numpy()
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch_size is None and not args.worker:
         sys.path.insert(0, str(ROOT))
-        from catdog.score_config import DEFAULT_CPU_BATCH_SIZE
+        from catdog.score.config import DEFAULT_CPU_BATCH_SIZE
 
         args.batch_size = DEFAULT_CPU_BATCH_SIZE
     if args.worker:

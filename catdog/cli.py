@@ -8,8 +8,8 @@ import sys
 from typing import Callable
 
 from catdog.errors import CatdogError
-from catdog.logging_setup import LOG_DATE_FORMAT, LOG_FORMAT
-from catdog.process_env import quiet_environment
+from catdog.process import LOG_DATE_FORMAT, LOG_FORMAT
+from catdog.process import quiet_environment
 
 EXIT_USER_ERROR = 2  # bad argument, missing or empty input, output already there, unloadable model
 EXIT_FAILURE = 1  # anything unexpected; the traceback is kept
@@ -35,8 +35,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     """Where and how the model runs: the flags jobs.score and jobs.evaluate share."""
-    from catdog.model_options import PRECISIONS
-    from catdog.score_config import DEFAULT_CPU_BATCH_SIZE, DEFAULT_GPU_BATCH_SIZE
+    from catdog.model.options import PRECISIONS
+    from catdog.score.config import DEFAULT_CPU_BATCH_SIZE, DEFAULT_GPU_BATCH_SIZE
 
     parser.add_argument("--precision", default="float32", choices=PRECISIONS,
                         help="bfloat16 is faster on AMX/AVX512-BF16 CPUs; float16 for GPUs")

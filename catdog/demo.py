@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catdog.errors import OutputExistsError
-from catdog.sample_data import generate_sample_dataset, remove_sample_dataset
+from catdog.io.sample_data import generate_sample_dataset, remove_sample_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,10 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig) -> dict:
     """Train on a generated folder and score a second generated folder; return a summary dict."""
-    from catdog.score_config import ScoreConfig
-    from catdog.scoring import score
-    from catdog.train_config import TrainConfig
-    from catdog.training import train
+    from catdog.score.config import ScoreConfig
+    from catdog.score.run import score
+    from catdog.train.config import TrainConfig
+    from catdog.train.run import train
 
     workdir = Path(config.workdir).resolve()
     if workdir.exists() and any(workdir.iterdir()) and not config.overwrite:
@@ -63,7 +63,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     import pyarrow.compute as pc
 
-    from catdog.predictions_folder import PredictionsFolder
+    from catdog.score.predictions_folder import PredictionsFolder
 
     table = PredictionsFolder(str(workdir / "predictions")).read(columns=["path", "label"])
     truth = pc.if_else(pc.match_substring(table["path"], "/cats/"), "cats", "dogs")

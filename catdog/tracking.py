@@ -10,7 +10,7 @@
          names the version it resolved (`model_uri` in _SUCCESS.json, beside `model_id`).
 
 MLflow's Keras autolog hooks `Model.fit()`, which the Ray Train loop does not call (see
-catdog.train_loop), so the driver logs what it assembled. mlflow is imported only here, and only
+catdog.train.loop), so the driver logs what it assembled. mlflow is imported only here, and only
 when a tracking URI or a model URI asks for it: catdog runs without it.
 """
 
@@ -176,7 +176,7 @@ class TrainingTracker:
         """Log one finished training run and register it; return where it went.
 
         Args:
-            run_folder: the written `catdog.run_folder.RunFolder`.
+            run_folder: the written `catdog.model.run_folder.RunFolder`.
             run_name: the MLflow run's name (the catdog run id).
             params: parameters, nested dicts allowed (`flat_params`).
             history: the history rows: one metric per HISTORY_METRICS column, step = epoch.
@@ -187,7 +187,7 @@ class TrainingTracker:
 
         client = _client(self.tracking_uri)
         commit = params.get("git_commit")
-        tags = {"catdog.run_folder": run_folder.location, "mlflow.source.name": "jobs.train",
+        tags = {"catdog.model.run_folder": run_folder.location, "mlflow.source.name": "jobs.train",
                 **({"mlflow.source.git.commit": commit} if commit else {})}
         run = client.create_run(self.experiment_id, start_time=int(started_at * 1000), tags=tags, run_name=run_name)
         run_id = run.info.run_id

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    from catdog.evaluation import EvaluateConfig, evaluate
+    from catdog.analyse.evaluation import EvaluateConfig, evaluate
     from catdog.tracking import resolve_model
 
     model, model_uri = resolve_model(args.model, args.mlflow_uri)  # models:/, runs:/: a downloaded copy

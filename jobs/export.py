@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    from catdog.export import ExportConfig, export_model
+    from catdog.model.export import ExportConfig, export_model
 
     export_model(ExportConfig(model=args.model, output=args.output, overwrite=args.overwrite))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from catdog.cli import add_common_arguments, entrypoint
-from catdog.model_options import PRECISIONS
+from catdog.model.options import PRECISIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +33,7 @@ def format_prediction(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from catdog.predictor import predict_image
+    from catdog.score.predictor import predict_image
 
     print(format_prediction(predict_image(args.model, args.image, args.precision, args.max_image_pixels)))
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from catdog.analyse.report import ReportConfig, format_report, report
 from catdog.cli import add_common_arguments, entrypoint
-from catdog.report import ReportConfig, format_report, report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

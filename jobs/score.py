@@ -20,8 +20,8 @@ import argparse
 import json
 
 from catdog.cli import add_common_arguments, add_predictor_arguments, entrypoint
-from catdog.cluster_checks import SHARED_STORAGE_FLAG, SHARED_STORAGE_HELP
-from catdog.score_config import DEFAULT_WAIT_FOR_WORKERS_S
+from catdog.cluster.checks import SHARED_STORAGE_FLAG, SHARED_STORAGE_HELP
+from catdog.score.config import DEFAULT_WAIT_FOR_WORKERS_S
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,8 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 def run(args: argparse.Namespace) -> None:
-    from catdog.score_config import ScoreConfig
-    from catdog.scoring import score
+    from catdog.score.config import ScoreConfig
+    from catdog.score.run import score
     from catdog.tracking import resolve_model
 
     model, model_uri = resolve_model(args.model, args.mlflow_uri)  # models:/, runs:/: a downloaded copy
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
                 if getattr(args, name) is not None}
     plan_or_score = score
     if args.dry_run:
-        from catdog.dry_run import plan_score as plan_or_score
+        from catdog.score.dry_run import plan_score as plan_or_score
     summary = plan_or_score(ScoreConfig(
         model=model, model_uri=model_uri, input=args.input, output=args.output, precision=args.precision,
         use_gpu=args.use_gpu, gpus_per_worker=args.gpus_per_worker, num_workers=args.num_workers,

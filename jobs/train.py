@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 
 from catdog.cli import add_common_arguments, entrypoint
-from catdog.cluster_checks import SHARED_STORAGE_FLAG, SHARED_STORAGE_HELP
-from catdog.model_options import HEADS
-from catdog.train_config import MODES, PLACEMENTS, TrainConfig
+from catdog.cluster.checks import SHARED_STORAGE_FLAG, SHARED_STORAGE_HELP
+from catdog.model.options import HEADS
+from catdog.train.config import MODES, PLACEMENTS, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    from catdog.training import train
+    from catdog.train.run import train
 
     train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "verbose"}))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from catdog.process_env import quiet_environment
+from catdog.process import quiet_environment
 
 quiet_environment()
 
@@ -38,7 +38,7 @@ def ray_cluster():
     """A real local Ray cluster (2 CPUs, like this machine and CI), shared by the whole session."""
     import ray
 
-    from catdog.ray_session import init_ray
+    from catdog.cluster.session import init_ray
 
     init_ray(num_cpus=int(os.environ.get("CATDOG_TEST_CPUS", "2")))
     yield ray
@@ -50,7 +50,7 @@ def ray_job_env(ray_cluster) -> dict[str, str]:
     """Environment for a job subprocess that joins the session's Ray through RAY_ADDRESS, as a
     submitted job joins its cluster, instead of starting a Ray of its own.
 
-    The session Ray listens on 127.0.0.1 only (catdog.ray_session); the job keeps to loopback too
+    The session Ray listens on 127.0.0.1 only (catdog.cluster.session); the job keeps to loopback too
     (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, without which a driver advertises the machine's external
     address and never finds the raylet). The token is the one the session's start wrote to
     ~/.ray/auth_token."""
@@ -116,7 +116,7 @@ def s3(s3_server):
 @pytest.fixture
 def s3_env(s3, monkeypatch):
     """This process reaches the module's bucket through the standard AWS variables, as jobs do."""
-    from catdog import file_reads
+    from catdog.io import file_reads
 
     for key in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(key)
@@ -130,7 +130,7 @@ def s3_env(s3, monkeypatch):
 @pytest.fixture(scope="session")
 def sample_images(tmp_path_factory) -> Path:
     """A separable two-class folder of real JPEG/PNG files (cats/, dogs/), 40 images each."""
-    from catdog.sample_data import generate_sample_dataset
+    from catdog.io.sample_data import generate_sample_dataset
 
     return generate_sample_dataset(tmp_path_factory.mktemp("sample"), images_per_class=40)
 
@@ -148,9 +148,9 @@ def write_model_run(run: Path, image_size: int = 32, classes: tuple[str, ...] = 
     initialised (seeded) backbone and head: no download, a few seconds to build."""
     import json
 
-    from catdog.model import ModelSpec, build_feature_extractor, build_head, build_model, save_model
+    from catdog.model.build import ModelSpec, build_feature_extractor, build_head, build_model, save_model
 
-    import keras  # after catdog.model, which imports TensorFlow quietly
+    import keras  # after catdog.model.build, which imports TensorFlow quietly
 
     spec = ModelSpec(num_classes=len(classes), image_size=image_size)
     extractor = build_feature_extractor(spec, None, seed=seed)
@@ -211,8 +211,8 @@ def training_data(sample_images, tmp_path_factory) -> Path:
     is a cat photo: a mistake in the calibration fit half of `trained_run` (seed 123,
     validation 0.4), so its temperature has something to fit (a fit half without mistakes is
     left at T = 1)."""
-    from catdog.calibration import fit_half
-    from catdog.dataset import split_fraction
+    from catdog.io.labelled import split_fraction
+    from catdog.train.calibration import fit_half
 
     root = tmp_path_factory.mktemp("data") / "images"
     shutil.copytree(sample_images, root)
@@ -231,11 +231,11 @@ def trained_run(ray_cluster, training_data, feature_cache, tmp_path_factory):
     """The session's one trained run: 2 workers, cached features, random-init backbone, 32 px.
 
     Returns (TrainConfig, run folder, TrainResult). A validation fraction of 0.4 gives 37 readable
-    validation images, enough for both calibration halves (catdog.calibration.MIN_ROWS_PER_HALF);
+    validation images, enough for both calibration halves (catdog.train.calibration.MIN_ROWS_PER_HALF);
     the default 0.2 gives 19. It computes every embedding of `training_data` into `feature_cache`
     (tests/test_train.py checks that): use it before any other run on that data with that cache."""
-    from catdog.train_config import TrainConfig
-    from catdog.training import train
+    from catdog.train.config import TrainConfig
+    from catdog.train.run import train
 
     output = tmp_path_factory.mktemp("runs") / "two-workers"
     config = TrainConfig(data=str(training_data), output=str(output), weights="none", image_size=32, epochs=6,

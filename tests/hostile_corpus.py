@@ -98,11 +98,11 @@ def write_storage_oddities(root: Path) -> dict[str, Expected]:
     """What real storage holds beside tidy files, under `root`; {escaped path relative to root: Expected}.
 
     A Latin-1 file name (bytes that are not UTF-8; keyed by the `path` column's spelling, see
-    `catdog.input_paths`), a FIFO named like an image (opening it would block for ever), a Unix
+    `catdog.io.paths`), a FIFO named like an image (opening it would block for ever), a Unix
     socket, and a character device when this process may make one (root). Never read these with
     plain `open()` in a test: the FIFO blocks.
     """
-    from catdog.input_paths import escape_local_path
+    from catdog.io.paths import escape_local_path
 
     root.mkdir(parents=True, exist_ok=True)
     expected: dict[str, Expected] = {}

@@ -72,7 +72,7 @@ class LocalS3:
 def weights_file(folder: Path) -> Path:
     """A ResNet50 no-top weights file as the README has users prepare for clusters without
     internet, with random weights here (no download)."""
-    from catdog.tensorflow_setup import configure_tensorflow
+    from catdog.model.tensorflow_setup import configure_tensorflow
 
     configure_tensorflow()
     import keras

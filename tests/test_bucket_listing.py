@@ -1,4 +1,4 @@
-"""catdog.bucket_listing against the local S3 server (moto on 127.0.0.1): pages, key ranges, order."""
+"""catdog.io.bucket_listing against the local S3 server (moto on 127.0.0.1): pages, key ranges, order."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def bucket(s3):
 
 
 def _list(uri: str, **kwargs) -> tuple[list, list]:
-    from catdog.bucket_listing import list_images
+    from catdog.io.bucket_listing import list_images
 
     requests = []
     rows = list(list_images(uri, on_request=requests.append, **kwargs))
@@ -52,8 +52,8 @@ def test_pages_give_every_image_once_in_key_order_with_sizes(bucket):
 
 
 def test_rows_match_the_pyarrow_listing_sizes_and_times(bucket):
-    from catdog import storage
-    from catdog.folder_walk import walk_uri
+    from catdog.io import storage
+    from catdog.io.folder_walk import walk_uri
 
     s3, _ = bucket
     rows = list(walk_uri(s3.uri("flat/")))  # the default listers, over key ranges
@@ -82,7 +82,7 @@ def test_ranges_after_the_last_key_are_skipped_without_requests(bucket):
 
 
 def test_the_first_row_comes_after_one_request(bucket):
-    from catdog.bucket_listing import list_images
+    from catdog.io.bucket_listing import list_images
 
     s3, images = bucket
     requests = []
@@ -93,7 +93,7 @@ def test_the_first_row_comes_after_one_request(bucket):
 
 
 def test_listers_run_a_bounded_number_of_pages_ahead_and_stop_with_the_consumer(bucket):
-    from catdog.bucket_listing import list_images
+    from catdog.io.bucket_listing import list_images
 
     s3, _ = bucket
     requests = []
@@ -111,14 +111,14 @@ def test_listers_run_a_bounded_number_of_pages_ahead_and_stop_with_the_consumer(
 
 
 def test_a_missing_bucket_is_an_os_error(bucket):
-    from catdog.bucket_listing import list_images
+    from catdog.io.bucket_listing import list_images
 
     with pytest.raises(OSError, match="could not list"):
         next(list_images("s3://catdog-no-such-bucket/images"))
 
 
 def test_only_plain_s3_uris_are_listed_page_by_page():
-    from catdog.bucket_listing import can_list
+    from catdog.io.bucket_listing import can_list
 
     assert can_list("s3://bucket/images") and can_list("S3://bucket")
     assert not can_list("gs://bucket/images") and not can_list("file:///data")
@@ -129,7 +129,7 @@ def test_only_plain_s3_uris_are_listed_page_by_page():
 def test_timestamps_in_other_forms_are_still_read():
     from datetime import datetime, timezone
 
-    from catdog.bucket_listing import _parse_timestamp
+    from catdog.io.bucket_listing import _parse_timestamp
 
     expected = datetime(2026, 1, 31, 12, 0, 0, 250_000, tzinfo=timezone.utc)
     assert _parse_timestamp("2026-01-31T12:00:00.250Z") == expected  # what S3 sends, read without dateutil

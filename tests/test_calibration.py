@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from catdog.calibration import (
+from catdog.train.calibration import (
     MAX_TEMPERATURE,
     MIN_ROWS_PER_HALF,
     MIN_TEMPERATURE,
@@ -17,7 +17,7 @@ from catdog.calibration import (
     negative_log_likelihood,
     softmax,
 )
-from catdog.dataset import split_fraction
+from catdog.io.labelled import split_fraction
 
 
 def _sample(true_temperature: float, n: int = 20_000, classes: int = 3, seed: int = 0):

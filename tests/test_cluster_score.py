@@ -32,8 +32,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from catdog.cluster_checks import SHARED_STORAGE_FLAG
-from catdog.predictions_folder import PredictionsFolder
+from catdog.cluster.checks import SHARED_STORAGE_FLAG
+from catdog.score.predictions_folder import PredictionsFolder
 from conftest import REAL_PHOTOS, write_model_run
 from multinode import LOCAL_ONLY_ENV, LOOPBACK, REPO
 
@@ -57,7 +57,7 @@ def _photos(target: Path, count: int, repeat: int = 1) -> Path:
                 for copy in range(repeat):
                     shutil.copyfile(source, target / kind / f"{source.stem}-{copy}{source.suffix}")
         return target
-    from catdog.sample_data import generate_sample_dataset
+    from catdog.io.sample_data import generate_sample_dataset
 
     return generate_sample_dataset(target, images_per_class=count * repeat // 2, size=(320, 240))
 
@@ -350,5 +350,5 @@ def test_the_gpu_pool_grows_as_the_autoscaler_adds_gpu_nodes(autoscaling, tmp_pa
     assert "Predictor pool: 2 alive" in log, log[-3000:]
     summary = _assert_exact(output, data)
     assert summary["predictors_peak"] == 2 and summary["predictor_pool"]["max"] == 2, summary["predictor_pool"]
-    lines = [line for line in log.splitlines() if "catdog.cluster_capacity" in line or "Predictor pool" in line]
+    lines = [line for line in log.splitlines() if "catdog.cluster.capacity" in line or "Predictor pool" in line]
     print("\n".join(lines) + f"\n{summary['rows_written']} rows, {wall:.1f} s")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from catdog.cluster_checks import SHARED_STORAGE_FLAG, is_node_local
+from catdog.cluster.checks import SHARED_STORAGE_FLAG, is_node_local
 from multinode import REPO, MultiNodeCluster
 
 ARTIFACTS = ["model.keras", "classes.json", "config.json", "metrics.json", "history.csv", "curves.png"]
@@ -46,7 +46,7 @@ def _history_epochs(run: Path) -> list[int]:
 
 
 def _reported_epochs(run: Path) -> list[int]:
-    """Epochs the workers reported so far (catdog.worker_log's file, rewritten after each report)."""
+    """Epochs the workers reported so far (catdog.train.worker_log's file, rewritten after each report)."""
     logs = list(run.glob("checkpoints/train-*/worker_reports.json"))
     try:
         events = json.loads(logs[0].read_text()) if logs else []
@@ -65,7 +65,7 @@ def test_only_object_store_uris_count_as_shared():
 
 def test_placement_and_shared_storage_flags_reach_the_config():
     from catdog.errors import CatdogError
-    from catdog.train_config import TrainConfig
+    from catdog.train.config import TrainConfig
     from jobs.train import build_parser
 
     args = vars(build_parser().parse_args(["--data", "d", "--output", "o", "--placement", "spread", SHARED_STORAGE_FLAG]))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from catdog.dataset import list_labelled_images, split_train_val
 from catdog.errors import InputError
+from catdog.io.labelled import list_labelled_images, split_train_val
 
 
 def _touch(path: Path, data: bytes = b"not decoded when listing") -> None:

@@ -1,4 +1,4 @@
-"""jobs.score --dry-run (catdog.dry_run): the plan of a real input and model, nothing written; the
+"""jobs.score --dry-run (catdog.score.dry_run): the plan of a real input and model, nothing written; the
 same refusals as a real run."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from catdog.errors import OutputExistsError
-from catdog.sample_data import generate_sample_dataset
-from catdog.score_config import ScoreConfig
+from catdog.io.sample_data import generate_sample_dataset
+from catdog.score.config import ScoreConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model_run, tmp_path):
 
 
 def test_dry_run_refuses_what_a_run_would_refuse(tiny_model_run, tmp_path):
-    from catdog.dry_run import plan_score
+    from catdog.score.dry_run import plan_score
 
     photos = generate_sample_dataset(tmp_path / "photos", images_per_class=1)
     with pytest.raises(OutputExistsError, match="overlaps"):

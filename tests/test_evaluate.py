@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from catdog import evaluation as E
-from catdog import metrics, plots
+from catdog.analyse import evaluation as E
+from catdog.analyse import metrics, plots
 from catdog.errors import CatdogError, InputError, ModelLoadError, OutputExistsError
 from jobs import evaluate as evaluate_job
 
@@ -157,8 +157,8 @@ def _hand_set_heads(sample_images: Path, spec, extractor):
     (dogs). Hidden unit 0 is relu(score), unit 1 relu(-score); the logits layer routes them to the
     right (perfect) or wrong (inverted) class.
     """
-    from catdog.dataset import list_labelled_images
-    from catdog.imaging import read_and_decode
+    from catdog.io.imaging import read_and_decode
+    from catdog.io.labelled import list_labelled_images
 
     images = list_labelled_images(str(sample_images), class_names=CLASSES)
     decoded = read_and_decode(images.paths, spec.image_size)
@@ -186,7 +186,7 @@ def _hand_set_heads(sample_images: Path, spec, extractor):
 @pytest.fixture(scope="module")
 def hand_set_runs(tmp_path_factory, sample_images):
     """Run folders (model.keras + classes.json) of a perfect and an inverted model at 32 px."""
-    from catdog import model as M
+    from catdog.model import build as M
 
     spec = M.ModelSpec(num_classes=2, image_size=32, hidden_units=8)
     extractor = M.build_feature_extractor(spec, weights=None, seed=0)
@@ -214,7 +214,7 @@ def perfect_evaluation(ray_cluster, hand_set_runs, sample_images, tmp_path_facto
 def test_evaluate_perfect_model_end_to_end(perfect_evaluation):
     import pyarrow.parquet as pq
 
-    from catdog.report import ReportConfig, summarise
+    from catdog.analyse.report import ReportConfig, summarise
 
     out, result = perfect_evaluation
     saved = json.loads((out / "metrics.json").read_text())

@@ -89,8 +89,8 @@ def test_overwrite_replaces_only_the_saved_model(exported, tiny_model_run):
 def test_in_graph_decoder_matches_catdog_on_generated_images():
     from PIL import Image
 
-    from catdog import imaging
-    from catdog.export import decode_image
+    from catdog.io import imaging
+    from catdog.model.export import decode_image
 
     rng = np.random.default_rng(0)
     base = np.clip(np.cumsum(rng.integers(-6, 7, (120, 160, 3)), axis=1) + 128, 0, 255).astype(np.uint8)
@@ -115,10 +115,10 @@ def test_in_graph_decoder_matches_catdog_on_generated_images():
 
 
 def test_in_graph_decoder_gives_catdogs_pixels_for_the_real_photos(real_photos):
-    from catdog import imaging
-    from catdog.export import decode_image
+    from catdog.io import imaging
+    from catdog.model.export import decode_image
 
-    from catdog.tensorflow_setup import configure_tensorflow
+    from catdog.model.tensorflow_setup import configure_tensorflow
 
     configure_tensorflow()
     import tensorflow as tf
@@ -135,8 +135,8 @@ def test_in_graph_decoder_ignores_exif_orientation():
     """A documented difference (docs/serving.md): catdog turns a photo upright, the SavedModel does not."""
     from PIL import Image
 
-    from catdog import imaging
-    from catdog.export import decode_image
+    from catdog.io import imaging
+    from catdog.model.export import decode_image
 
     pixels = np.zeros((60, 90, 3), dtype=np.uint8)
     pixels[:, :30] = 255  # a white band on the left of the stored image
@@ -151,8 +151,9 @@ def test_in_graph_decoder_ignores_exif_orientation():
 
 
 def test_saved_model_in_a_fresh_process_scores_like_catdog(exported, tiny_model_run, real_photos, tmp_path):
-    from catdog import imaging
-    from catdog.predictor import load_checked, predict_image
+    from catdog.io import imaging
+    from catdog.model.inference import load_checked
+    from catdog.score.predictor import predict_image
 
     photos = sorted(str(path) for path in real_photos.glob("*/*.jpg"))
     pixels = np.stack([imaging.decode_image(Path(photo).read_bytes(), IMAGE_SIZE)[0] for photo in photos])

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from catdog import imaging
-from catdog.dataset import LabelledImages, list_labelled_images
+from catdog.io import imaging
+from catdog.io.labelled import LabelledImages, list_labelled_images
 
 IMAGE_SIZE = 32
 
@@ -22,8 +22,8 @@ IMAGE_SIZE = 32
 @pytest.fixture(scope="module")
 def extractor():
     """The folded extractor the training job computes with, and its weights fingerprint."""
-    from catdog.inference import inference_model
-    from catdog.model import ModelSpec, build_feature_extractor, weights_fingerprint
+    from catdog.model.build import ModelSpec, build_feature_extractor, weights_fingerprint
+    from catdog.model.inference import inference_model
 
     spec = ModelSpec(num_classes=2, image_size=IMAGE_SIZE)
     built = build_feature_extractor(spec, None, seed=0)
@@ -45,7 +45,7 @@ def _dataset(root: Path) -> Path:
 
 def _embed(images: LabelledImages, extractor, cache: Path):
     """build_features on a fixed split: even-numbered files train, odd ones validation."""
-    from catdog.features import build_features
+    from catdog.train.features import build_features
 
     spec, model, fingerprint = extractor
     train = images.subset(range(0, len(images), 2))
@@ -82,7 +82,7 @@ def test_a_new_decoder_version_is_a_cache_miss(ray_cluster, extractor, tmp_path,
 def test_a_file_replaced_under_the_same_name_is_embedded_again(ray_cluster, extractor, tmp_path, caplog):
     root = _dataset(tmp_path / "data")
     images = list_labelled_images(str(root))
-    with caplog.at_level("INFO", logger="catdog.features"):
+    with caplog.at_level("INFO", logger="catdog.train.features"):
         first = _by_path(_embed(images, extractor, tmp_path / "cache"))
     assert "Embedding 4 file(s) in the driver" in caplog.text  # one batch: no actor pool
     target = root / "cats" / "b.bmp"
@@ -110,7 +110,7 @@ def test_a_read_error_is_retried_next_run_while_a_decode_error_stays_cached(ray_
     aside = tmp_path / "b.bmp.moved"
     target.rename(aside)  # gone between listing and reading: FileNotFoundError, a read_error
 
-    with caplog.at_level("INFO", logger="catdog.features"):
+    with caplog.at_level("INFO", logger="catdog.train.features"):
         first = _embed(images, extractor, tmp_path / "cache")
     assert "in the driver" not in caplog.text  # five files, batches of four: the actor pool
 

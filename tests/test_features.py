@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catdog.features import _read_cache, _write_part, cache_folder
+from catdog.train.features import _read_cache, _write_part, cache_folder
 
 
 def _part(paths: list[str], width: int = 4) -> pa.Table:
@@ -22,8 +22,8 @@ def _part(paths: list[str], width: int = 4) -> pa.Table:
 
 
 def test_cache_folder_names_everything_that_changes_an_embedding(tmp_path, monkeypatch):
-    from catdog import imaging
-    from catdog.features import EXTRACTOR_VERSION
+    from catdog.io import imaging
+    from catdog.train.features import EXTRACTOR_VERSION
 
     base = cache_folder(str(tmp_path), "abc123", 180, "gap")
     assert base.endswith(f"abc123-180px-pooled-float32-decoder{imaging.DECODER_VERSION}-{EXTRACTOR_VERSION}")
@@ -32,13 +32,13 @@ def test_cache_folder_names_everything_that_changes_an_embedding(tmp_path, monke
               cache_folder(str(tmp_path), "abc123", 180, "gap", "bfloat16")}
     monkeypatch.setattr(imaging, "DECODER_VERSION", imaging.DECODER_VERSION + 1)
     others.add(cache_folder(str(tmp_path), "abc123", 180, "gap"))
-    monkeypatch.setattr("catdog.features.EXTRACTOR_VERSION", EXTRACTOR_VERSION + "x")
+    monkeypatch.setattr("catdog.train.features.EXTRACTOR_VERSION", EXTRACTOR_VERSION + "x")
     others.add(cache_folder(str(tmp_path), "abc123", 180, "gap"))
     assert base not in others and len(others) == 6
 
 
 def test_only_errors_that_would_recur_are_reusable():
-    from catdog.features import _cacheable, _reusable_rows
+    from catdog.train.features import _cacheable, _reusable_rows
 
     rows = pa.table({
         "path": ["/d/ok.jpg", "/d/text.jpg", "/d/cut.jpg", "/d/locked.jpg", "/d/moved.jpg", "/d/old.jpg"],
@@ -68,15 +68,15 @@ def test_reading_skips_staging_and_broken_parts_and_keeps_wanted_rows(tmp_path):
 
 
 def test_embeddings_from_the_concurrent_actor_pool_equal_the_extractor_in_process(ray_cluster, sample_images, tmp_path):
-    """The embedding actor runs two batches at once on CPU (catdog.actor_pool.model_actor_pool): every
+    """The embedding actor runs two batches at once on CPU (catdog.cluster.actor_pool.model_actor_pool): every
     file's features must still be the extractor's own output for that file's pixels."""
     import tensorflow as tf
 
-    from catdog.dataset import list_labelled_images, split_train_val
-    from catdog.features import build_features
-    from catdog.imaging import decode_image
-    from catdog.inference import inference_model
-    from catdog.model import ModelSpec, build_feature_extractor, weights_fingerprint
+    from catdog.io.imaging import decode_image
+    from catdog.io.labelled import list_labelled_images, split_train_val
+    from catdog.model.build import ModelSpec, build_feature_extractor, weights_fingerprint
+    from catdog.model.inference import inference_model
+    from catdog.train.features import build_features
 
     spec = ModelSpec(num_classes=2, image_size=32)
     extractor = inference_model(build_feature_extractor(spec, None, seed=0))

@@ -15,9 +15,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from catdog.input_paths import local_path_bytes
-from catdog.predictions_folder import SUCCESS_FILE, PredictionsFolder, predictions_schema
-from catdog.sample_data import generate_sample_dataset
+from catdog.io.paths import local_path_bytes
+from catdog.io.sample_data import generate_sample_dataset
+from catdog.score.predictions_folder import SUCCESS_FILE, PredictionsFolder, predictions_schema
 from conftest import run_job_module
 from hostile_corpus import MAX_PIXELS, write_corpus, write_storage_oddities
 from test_resume_safety import FullDisk, _replaced

@@ -1,4 +1,4 @@
-"""Decoding (catdog.imaging) on a hostile corpus, without Ray or TensorFlow."""
+"""Decoding (catdog.io.imaging) on a hostile corpus, without Ray or TensorFlow."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL import Image
 
 from benchmarks.peak_memory import run_python
 from catdog.errors import ImageDecodeError
-from catdog.imaging import decode_image, error_kind, read_and_decode
+from catdog.io.imaging import decode_image, error_kind, read_and_decode
 from hostile_corpus import MAX_PIXELS, write_corpus, write_huge_png
 
 SIZE = 32
@@ -129,7 +129,7 @@ def test_unreadable_file_is_an_error_row(tmp_path):
         else:
             script = (
                 "import os, sys\n"
-                "from catdog.imaging import read_and_decode\n"
+                "from catdog.io.imaging import read_and_decode\n"
                 "os.setgid(65534); os.setuid(65534)\n"
                 f"print(read_and_decode([sys.argv[1]], {SIZE})['error'][0])\n"
             )
@@ -150,7 +150,7 @@ def test_decompression_bomb_is_refused_from_its_header_with_bounded_memory(tmp_p
         assert image.size == (30_000, 30_000)  # a genuine bomb, not a broken file
     script = (
         "import json, sys\n"
-        "from catdog.imaging import read_and_decode\n"
+        "from catdog.io.imaging import read_and_decode\n"
         "print(json.dumps({'error': read_and_decode([sys.argv[1]], 180)['error'][0]}))\n"
     )
     run = run_python("-c", script, [str(bomb)], cwd=ROOT, timeout=120)

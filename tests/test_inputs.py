@@ -1,4 +1,4 @@
-"""Listing the scoring input (catdog.inputs): folders, symlink policy, manifests, user mistakes."""
+"""Listing the scoring input (catdog.io.inputs): folders, symlink policy, manifests, user mistakes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catdog.errors import InputError
-from catdog.inputs import list_inputs, normalise_path
+from catdog.io.inputs import list_inputs, normalise_path
 from hostile_corpus import write_corpus
 
 

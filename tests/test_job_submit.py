@@ -80,7 +80,7 @@ class LocalHead:
             PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs run `python` from the venv
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN_PATH=str(token_file),
-            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep 127.0.0.1 (see catdog.ray_session)
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep 127.0.0.1 (see catdog.cluster.session)
             RAY_USAGE_STATS_ENABLED="0",
             **extra_env,
         )
@@ -218,7 +218,7 @@ def run_job(client, entrypoint: str, env_vars: dict[str, str]) -> tuple[str, str
 
 
 def test_train_then_score_jobs_on_s3_succeed_and_write_parquet(ray_head, client, s3, tmp_path):
-    from catdog.sample_data import generate_sample_dataset
+    from catdog.io.sample_data import generate_sample_dataset
 
     data = generate_sample_dataset(tmp_path / "photos", images_per_class=8, size=(48, 40))
     image_keys = s3.upload_folder(data, "images")

@@ -1,4 +1,4 @@
-"""Set work at scale (catdog.ledger, PredictionsFolder.account, InputSource.chunks): the bucketed
+"""Set work at scale (catdog.score.ledger, PredictionsFolder.account, InputSource.chunks): the bucketed
 resume plan and accounting give the verdicts of a whole-table comparison, a folder listed in chunks
 gives the rows of a one-shot listing, and no step holds more than a chunk or a bucket."""
 
@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from catdog import inputs, ledger
-from catdog.ledger import plan_resume
-from catdog.predictions_folder import AccountingError, PredictionsFolder
+from catdog.io import inputs
+from catdog.score import ledger
+from catdog.score.ledger import plan_resume
+from catdog.score.predictions_folder import AccountingError, PredictionsFolder
 from test_score import _write_part
 
 N = 3000

@@ -31,7 +31,7 @@ sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import ray
 from netinfo import listeners, process_tree
 if sys.argv[3] == "catdog":
-    from catdog.ray_session import init_ray
+    from catdog.cluster.session import init_ray
     init_ray(num_cpus=1)
 else:
     ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")

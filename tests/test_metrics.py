@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from catdog import metrics as M
+from catdog.analyse import metrics as M
 
 
 def _one_hot(labels, num_classes):

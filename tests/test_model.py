@@ -10,10 +10,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from catdog import model as M
 from catdog.errors import ModelLoadError
-from catdog.inference import inference_model, load_inference_model
-from catdog.model_options import DTYPE_POLICIES
+from catdog.model import build as M
+from catdog.model.inference import inference_model, load_inference_model
+from catdog.model.options import DTYPE_POLICIES
+from catdog.model.run_folder import RunFolder
 
 keras = M.keras
 SPEC = M.ModelSpec(num_classes=3, image_size=32)
@@ -78,7 +79,7 @@ def test_saved_model_loads_in_safe_mode_with_identical_outputs(saved_run):
     with zipfile.ZipFile(run / M.MODEL_FILENAME) as archive:
         config = archive.read("config.json").decode()
     assert "Lambda" not in config and "ResNet50Preprocess" not in config  # built-in layers only
-    assert len(M.model_id(str(run))) == 16
+    assert len(RunFolder(str(run)).model_id()) == 16
 
 
 def test_preprocessing_layer_is_preprocess_input_exactly_in_every_precision():
@@ -106,7 +107,7 @@ def test_run_folder_saved_with_the_legacy_preprocess_layer_still_loads(saved_run
     x = _pixels(seed=9)
     expected = np.asarray(full(x, training=False))
     np.testing.assert_allclose(M.load_model(str(tmp_path))(x, training=False), expected, atol=1e-6)
-    with caplog.at_level("DEBUG", logger="catdog.inference"):
+    with caplog.at_level("DEBUG", logger="catdog.model.inference"):
         folded = load_inference_model(str(tmp_path))
     assert "not in the expected layout" not in caplog.text
     np.testing.assert_allclose(folded(x, training=False), expected, atol=1e-5)
@@ -157,7 +158,7 @@ def archive_run(tmp_path_factory, extractor64):
 def test_inference_model_straight_from_the_archive_equals_the_two_step_load(archive_run, precision, caplog):
     """load_inference_model reads Keras' weights file itself; it must give exactly the weights of
     inference_model(load_model(...)), without falling back to that two-step load."""
-    with caplog.at_level("DEBUG", logger="catdog.inference"):
+    with caplog.at_level("DEBUG", logger="catdog.model.inference"):
         direct = load_inference_model(str(archive_run), precision)
     assert "not in the expected layout" not in caplog.text
     two_step = inference_model(M.load_model(str(archive_run)), precision)
@@ -251,7 +252,7 @@ def test_lambda_layer_model_is_refused(tmp_path):
 def test_random_backbone_is_identical_across_processes(seeded_backbone):
     """Cached features stay valid only if every process builds the same seeded random backbone."""
     code = (
-        "from catdog import model as M;"
+        "from catdog.model import build as M;"
         "print(M.weights_fingerprint(M.build_feature_extractor(M.ModelSpec(2, 32), None, seed=5)))"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -303,8 +304,8 @@ def test_spec_validation():
 def test_tensorflow_imports_without_pyplot_which_stays_importable():
     """Keras imports matplotlib.pyplot when it can (~0.7 s in every process that loads a model);
     catdog hides it during TensorFlow's import and never needs it."""
-    code = ("import sys; from catdog.tensorflow_setup import configure_tensorflow; configure_tensorflow(); import keras; "
+    code = ("import sys; from catdog.model.tensorflow_setup import configure_tensorflow; configure_tensorflow(); import keras; "
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; "
-            "import matplotlib.pyplot; from catdog.plots import plot_confidence; print('ok')")
+            "import matplotlib.pyplot; from catdog.analyse.plots import plot_confidence; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -61,8 +61,8 @@ def test_saved_model_holds_only_keras_built_in_objects(portable_run):
 
 
 def test_model_loads_with_plain_keras_in_safe_mode_and_predicts_like_catdog(portable_run, real_photos, tmp_path):
-    from catdog import imaging
-    from catdog.predictor import predict_image
+    from catdog.io import imaging
+    from catdog.score.predictor import predict_image
 
     photos = _photos(real_photos)
     pixels = np.stack([imaging.decode_image(photo.read_bytes(), IMAGE_SIZE)[0] for photo in photos])

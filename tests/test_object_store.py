@@ -14,8 +14,8 @@ from conftest import run_job_module
 
 
 def test_storage_round_trip_on_s3(s3_env, tmp_path):
-    from catdog import storage
-    from catdog.sample_data import generate_sample_dataset
+    from catdog.io import storage
+    from catdog.io.sample_data import generate_sample_dataset
 
     s3 = s3_env
     data = generate_sample_dataset(tmp_path / "data", images_per_class=3, size=(40, 32))
@@ -41,8 +41,8 @@ def test_storage_round_trip_on_s3(s3_env, tmp_path):
 
 
 def test_decoding_reads_s3_uris_and_records_missing_objects(s3_env, tmp_path):
-    from catdog import imaging
-    from catdog.sample_data import generate_sample_dataset
+    from catdog.io import imaging
+    from catdog.io.sample_data import generate_sample_dataset
 
     s3 = s3_env
     data = generate_sample_dataset(tmp_path / "data", images_per_class=2, size=(40, 32))

@@ -1,4 +1,4 @@
-"""One writer per output (catdog.output_lease): real lease files in tmp_path and real conditional
+"""One writer per output (catdog.score.lease): real lease files in tmp_path and real conditional
 writes on the session's local S3 server; no Ray, no mocks, a few seconds in all.
 
 A lease held by "another run" is written by hand, as a crashed run or another host leaves it.
@@ -19,9 +19,9 @@ import uuid
 
 import pytest
 
-from catdog.output_lease import LEASE_FILE, LeaseLostError, OutputBusyError, OutputLease, _pid_space
+from catdog.score.lease import LEASE_FILE, LeaseLostError, OutputBusyError, OutputLease, _pid_space
 
-LOGGER = "catdog.output_lease"
+LOGGER = "catdog.score.lease"
 
 
 class Output:

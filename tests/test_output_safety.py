@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from catdog import imaging, storage
 from catdog.errors import OutputExistsError
-from catdog.inputs import list_inputs
-from catdog.ledger import plan_resume
-from catdog.predictions_folder import RUN_MARKER, SUCCESS_FILE, PredictionsFolder, predictions_schema
-from catdog.sample_data import generate_sample_dataset, remove_sample_dataset
-from catdog.score_config import ScoreConfig
+from catdog.io import imaging, storage
+from catdog.io.inputs import list_inputs
+from catdog.io.sample_data import generate_sample_dataset, remove_sample_dataset
+from catdog.score.config import ScoreConfig
+from catdog.score.ledger import plan_resume
+from catdog.score.predictions_folder import RUN_MARKER, SUCCESS_FILE, PredictionsFolder, predictions_schema
 from conftest import run_job_module
 from test_score import CLASSES, _write_part
 
@@ -121,7 +121,7 @@ def test_remove_sample_dataset_keeps_a_users_files(tmp_path):
 # ---- slow: scoring jobs on the session's Ray cluster ----
 
 def _score(run: Path, input_: Path | str, out: Path, **kw) -> dict:
-    from catdog.scoring import score
+    from catdog.score.run import score
 
     kw.setdefault("rows_per_file", 4)
     kw.setdefault("batch_size", 4)

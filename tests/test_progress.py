@@ -1,13 +1,13 @@
-"""Row-level progress (catdog.progress): the line's arithmetic, and live lines from a real scoring run."""
+"""Row-level progress (catdog.score.progress): the line's arithmetic, and live lines from a real scoring run."""
 
 from __future__ import annotations
 
 import logging
 import re
 
-from catdog.progress import format_line
-from catdog.sample_data import generate_sample_dataset
-from catdog.score_config import ScoreConfig
+from catdog.io.sample_data import generate_sample_dataset
+from catdog.score.config import ScoreConfig
+from catdog.score.progress import format_line
 
 import pytest
 
@@ -22,14 +22,14 @@ def test_progress_line_shows_rows_rate_eta_and_errors():
 
 @pytest.mark.slow
 def test_scoring_logs_progress_lines_while_it_runs(ray_cluster, tiny_model_run, tmp_path, caplog):
-    from catdog.scoring import score
+    from catdog.score.run import score
 
     photos = generate_sample_dataset(tmp_path / "photos", images_per_class=12)
     (photos / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
-    caplog.set_level(logging.INFO, logger="catdog.progress")
+    caplog.set_level(logging.INFO, logger="catdog.score.progress")
     score(ScoreConfig(model=str(tiny_model_run), input=str(photos), output=str(tmp_path / "preds"),
                       batch_size=4, progress_interval_s=0.5))
-    lines = [r.getMessage() for r in caplog.records if r.name == "catdog.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "catdog.score.progress"]
     assert len(lines) >= 2, lines  # at least one while running, and the last one
     # before the listing ends the total is unknown: "Scored N files, M listed so far"
     counts = [int(re.match(r"Scored (\d+)( / 25)? files", line).group(1)) for line in lines]

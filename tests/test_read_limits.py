@@ -1,4 +1,4 @@
-"""Reads that must not wait for ever (catdog.imaging) and the progress line that names them, without Ray.
+"""Reads that must not wait for ever (catdog.io.imaging) and the progress line that names them, without Ray.
 
 Real files, a real FIFO and device, and a real S3 server behind a proxy that never answers some
 reads (tests/stalling_s3.py). Each read that could hang runs under a join timeout of its own, so
@@ -15,10 +15,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from catdog.file_reads import _open_regular
-from catdog.imaging import error_kind, read_and_decode
-from catdog.input_paths import escape_local_path
-from catdog.progress import MAX_SLOW_READS, ProgressCounter, format_line
+from catdog.io.file_reads import _open_regular
+from catdog.io.imaging import error_kind, read_and_decode
+from catdog.io.paths import escape_local_path
+from catdog.score.progress import MAX_SLOW_READS, ProgressCounter, format_line
 
 SIZE = 32
 GUARD_S = 20.0  # far above any expected time here, far below "hangs for ever"

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from benchmarks.peak_memory import run_python
+from catdog.analyse.report import ReportConfig, format_report, report, summarise
 from catdog.errors import InputError
-from catdog.predictions_folder import predictions_schema, prob_column
-from catdog.report import ReportConfig, format_report, report, summarise
+from catdog.score.predictions_folder import predictions_schema, prob_column
 from jobs import report as report_job
 
 REPO = Path(__file__).resolve().parents[1]

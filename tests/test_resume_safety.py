@@ -15,10 +15,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from catdog import ledger
 from catdog.errors import CatdogError
-from catdog.input_paths import escape_local_path, local_path_bytes, normalise_path, unescape_local_path
-from catdog.predictions_folder import (REWRITE_DIR, SUCCESS_FILE, PredictionsFolder, part_file_name,
+from catdog.io.paths import escape_local_path, local_path_bytes, normalise_path, unescape_local_path
+from catdog.score import ledger
+from catdog.score.predictions_folder import (REWRITE_DIR, SUCCESS_FILE, PredictionsFolder, part_file_name,
                                        predictions_schema)
 
 CLASSES = ("cats", "dogs")

@@ -1,4 +1,4 @@
-"""catdog.run_folder: the training run folder's files, without Ray or TensorFlow."""
+"""catdog.model.run_folder: the training run folder's files, without Ray or TensorFlow."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from catdog.analyse.metrics import label_scores
 from catdog.errors import OutputExistsError
-from catdog.metrics import label_scores
-from catdog.run_folder import RUN_FILES, RunFolder
+from catdog.model.run_folder import RUN_FILES, RunFolder
 
 HISTORY = [{"epoch": e, "loss": 1.0 / e, "accuracy": 0.5 + e / 10, "val_loss": 1.1 / e, "val_accuracy": 0.5 + e / 20,
             "epoch_time_s": 2.0, "not_a_column": "dropped"} for e in (1, 2)]

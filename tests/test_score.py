@@ -1,4 +1,4 @@
-"""Scoring (catdog.scoring, catdog.output, jobs.score, jobs.predict): exact accounting on a hostile
+"""Scoring (catdog.score.run, catdog.output, jobs.score, jobs.predict): exact accounting on a hostile
 corpus, predictions equal to the in-process model, re-runs (refuse, resume, overwrite), schema,
 precision. Real local Ray (the session cluster), real TensorFlow, real files."""
 
@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from catdog import predictions_folder as output
-from catdog.predictions_folder import PredictionsFolder, predictions_schema
 from catdog.errors import CatdogError, OutputExistsError
-from catdog.imaging import decode_image
-from catdog.input_paths import local_path_bytes
-from catdog.score_config import ScoreConfig
+from catdog.io.imaging import decode_image
+from catdog.io.paths import local_path_bytes
+from catdog.score import predictions_folder as output
+from catdog.score.config import ScoreConfig
+from catdog.score.predictions_folder import PredictionsFolder, predictions_schema
 from conftest import job_lines, run_job_module
 from hostile_corpus import MAX_PIXELS, write_corpus, write_storage_oddities
 
@@ -48,8 +48,8 @@ def _read(out: Path) -> pa.Table:
 def _in_process_probs(run: Path, paths: list[str], precision: str = "float32") -> np.ndarray:
     import tensorflow as tf
 
-    from catdog.inference import inference_model
-    from catdog.model import load_model
+    from catdog.model.build import load_model
+    from catdog.model.inference import inference_model
 
     model = inference_model(load_model(str(run)), precision)
     pixels = np.stack([decode_image(Path(os.fsdecode(local_path_bytes(p))).read_bytes(), 32)[0] for p in paths])
@@ -180,16 +180,16 @@ def test_accounting_catches_duplicates_missing_and_unlisted_rows(tmp_path):
         PredictionsFolder(str(out)).account(pa.array(["/a.jpg", "/b.jpg"]))
 
 
-def test_model_description_needs_no_tensorflow_and_matches_catdog_model(tiny_model_run):
-    from catdog import model as catdog_model
-    from catdog.run_folder import describe_model, model_file
+def test_model_description_needs_no_tensorflow_and_names_the_artifact(tiny_model_run):
+    from catdog.model.run_folder import artifact_id, describe_model, model_file
 
     info = describe_model(str(tiny_model_run))
     assert (info.image_size, info.class_names) == (32, tuple(CLASSES))
-    assert info.model_id == catdog_model.model_id(str(tiny_model_run))  # the same artifact hash
-    for location in (str(tiny_model_run), str(tiny_model_run / "model.keras"), "s3://b/run"):
-        assert model_file(location) == catdog_model.model_file(location)
-    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom catdog.run_folder import describe_model\n"
+    assert info.model_id == artifact_id((tiny_model_run / "model.keras").read_bytes())  # the artifact's hash
+    for location in (str(tiny_model_run), str(tiny_model_run / "model.keras")):
+        assert model_file(location) == str(tiny_model_run / "model.keras")
+    assert model_file("s3://b/run") == "s3://b/run/model.keras"
+    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom catdog.model.run_folder import describe_model\n"
                             f"describe_model({str(tiny_model_run)!r})\nprint('tensorflow' in sys.modules)"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     assert probe.stdout.strip() == "False"
@@ -197,7 +197,7 @@ def test_model_description_needs_no_tensorflow_and_matches_catdog_model(tiny_mod
 
 def _lambda_run(folder: Path) -> Path:
     """A run folder whose model hides code in a Lambda layer (loadable only outside safe mode)."""
-    from catdog import model as catdog_model  # noqa: F401 - TensorFlow, quietly
+    from catdog.model import build as catdog_model  # noqa: F401 - TensorFlow, quietly
 
     import keras
 
@@ -212,8 +212,8 @@ def _lambda_run(folder: Path) -> Path:
 
 def test_a_model_with_a_lambda_layer_is_refused_before_anything_runs(tmp_path, capsys):
     from catdog.errors import ModelLoadError
-    from catdog.model import load_model
-    from catdog.run_folder import describe_model
+    from catdog.model.build import load_model
+    from catdog.model.run_folder import describe_model
 
     run = _lambda_run(tmp_path / "run")
     with pytest.raises(ModelLoadError, match="Lambda"):
@@ -233,7 +233,7 @@ def test_a_model_with_a_lambda_layer_is_refused_before_anything_runs(tmp_path, c
 @pytest.mark.parametrize("case", ["no_classes", "bad_classes", "not_a_model", "no_model"])
 def test_unusable_run_folders_are_model_load_errors(tmp_path, tiny_model_run, case):
     from catdog.errors import ModelLoadError
-    from catdog.run_folder import describe_model
+    from catdog.model.run_folder import describe_model
 
     run = tmp_path / "run"
     run.mkdir()
@@ -263,8 +263,8 @@ def test_a_late_write_of_a_killed_run_is_dropped_when_the_resumed_run_rescored_i
 def test_accounting_runs_in_a_one_shot_worker_and_its_verdicts_come_back_whole(tmp_path, ray_cluster):
     """With Ray up, accounting runs off the driver; a failed verdict still counts the repeated
     rows (the late-write recovery looks for them) and kept unlisted rows still count."""
-    from catdog import ledger
-    from catdog.scoring import _account_beside_driver
+    from catdog.score import ledger
+    from catdog.score.run import _account_beside_driver
 
     out = tmp_path / "out"
     _write_part(out, ["/a.jpg", "/b.jpg", "/old.jpg"], 0)
@@ -293,7 +293,7 @@ def test_hostile_corpus_gives_one_row_per_file_and_in_process_predictions(ray_cl
                                                                          capsys):
     root, expected = hostile
     out = tmp_path / "preds"
-    from catdog.scoring import score
+    from catdog.score.run import score
 
     summary = score(_config(tiny_model_run, root, out, max_image_pixels=MAX_PIXELS))
     table = _read(out)
@@ -350,7 +350,7 @@ def test_hostile_corpus_gives_one_row_per_file_and_in_process_predictions(ray_cl
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_exact_rows_then_overwrite_partitions(ray_cluster, tiny_model_run, hostile, tmp_path):
-    from catdog.scoring import score
+    from catdog.score.run import score
 
     root, expected = hostile
     out = tmp_path / "preds"
@@ -403,7 +403,7 @@ def test_interrupted_run_resumes_to_exact_rows_then_overwrite_partitions(ray_clu
 @pytest.mark.slow
 def test_bfloat16_matches_float32_and_manifest_labels_and_missing_paths(ray_cluster, tiny_model_run, real_photos,
                                                                         tmp_path):
-    from catdog.scoring import score
+    from catdog.score.run import score
 
     photos = sorted(str(p) for p in (real_photos / "cats").glob("*.jpg"))[:12]
     photos += sorted(str(p) for p in (real_photos / "dogs").glob("*.jpg"))[:12]
@@ -440,7 +440,7 @@ def test_predict_job_prints_the_in_process_prediction(tiny_model_run, real_photo
     assert lines[-3] == f"This image is {probs[best]:.2%} {CLASSES[best]}."
     assert lines[-2:] == [f"  cats: {probs[0]:.4f}", f"  dogs: {probs[1]:.4f}"]
     from catdog.errors import InputError
-    from catdog.predictor import predict_image
+    from catdog.score.predictor import predict_image
 
     with pytest.raises(InputError, match="not_an_image"):  # jobs map InputError to exit 2
         predict_image(str(tiny_model_run), str(ROOT / "pyproject.toml"))
@@ -449,7 +449,7 @@ def test_predict_job_prints_the_in_process_prediction(tiny_model_run, real_photo
 def test_object_store_budget_does_not_grow_with_the_input():
     """Peak memory of a scoring run must not grow with the number of images (issue: <= 15% from
     1,000 to 10,000); the object-store budget is what bounds the decoded pixels in flight."""
-    from catdog.score_pipeline import MIN_OBJECT_STORE_BUDGET, object_store_budget
+    from catdog.score.pipeline import MIN_OBJECT_STORE_BUDGET, object_store_budget
 
     small = object_store_budget(1_000, 32, 180, predictors=1)
     assert small == MIN_OBJECT_STORE_BUDGET
@@ -464,7 +464,7 @@ def test_object_store_budget_does_not_grow_with_the_input():
 def test_cpu_pools_run_two_batches_per_actor_at_once_and_gpu_pools_one(tmp_path):
     """Ray Data runs an actor's calls one at a time (a lock around the UDF) unless the pool allows
     true multi-threading; on CPU the predictor pool must, on GPU it must not."""
-    from catdog.score_pipeline import _actor_pool
+    from catdog.score.pipeline import _actor_pool
 
     for kw in ({}, {"num_workers": 3}, {"min_workers": 1, "max_workers": 4}):
         pool = _actor_pool(_config(tmp_path, tmp_path, tmp_path / "out", **kw))
@@ -478,9 +478,9 @@ def test_cpu_pools_run_two_batches_per_actor_at_once_and_gpu_pools_one(tmp_path)
 def test_a_predictor_actor_splits_the_cores_between_its_concurrent_batches(ray_cluster, tiny_model_run):
     """In its own (fresh) worker process, a CPU predictor runs each TensorFlow op on its share of
     the cores: 1 thread per op on 2 cores, not TensorFlow's default of every core."""
-    from catdog.predictor import Predictor
-    from catdog.run_folder import describe_model
-    from catdog.tensorflow_setup import visible_cores
+    from catdog.model.run_folder import describe_model
+    from catdog.model.tensorflow_setup import visible_cores
+    from catdog.score.predictor import Predictor
 
     def threads_and_batches(predictor):
         import tensorflow as tf
@@ -500,8 +500,8 @@ def test_predictor_calls_from_two_threads_equal_the_same_calls_one_at_a_time(tin
     """The scoring actor calls one Predictor from two threads at once: same rows as one by one."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from catdog.predictor import Predictor
-    from catdog.run_folder import describe_model
+    from catdog.model.run_folder import describe_model
+    from catdog.score.predictor import Predictor
 
     predictor = Predictor(describe_model(str(tiny_model_run)), "float32")
     rng = np.random.default_rng(0)

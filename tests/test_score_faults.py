@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from catdog import predictions_folder as output
-from catdog.predictions_folder import PredictionsFolder
-from catdog.score_config import ScoreConfig
+from catdog.score import predictions_folder as output
+from catdog.score.config import ScoreConfig
+from catdog.score.predictions_folder import PredictionsFolder
 from conftest import run_job_module, write_model_run
 from hostile_corpus import write_huge_png
 
@@ -88,7 +88,7 @@ def _clean_env() -> dict:
 @pytest.mark.slow
 def test_killed_predictor_actor_is_restarted_and_no_row_is_lost_or_doubled(ray_cluster, slow_model_run,
                                                                            real_photos, tmp_path):
-    from catdog.scoring import score
+    from catdog.score.run import score
 
     out = tmp_path / "preds"
     manifest, expected = _photo_manifest(real_photos, "dogs", tmp_path / "dogs.parquet")
@@ -234,8 +234,8 @@ def _start_filler(address: str, env: dict):
 
 @pytest.mark.slow
 def test_hostile_folder_symlinks_unreadable_vanishing_and_bomb_files(ray_cluster, tiny_model_run, tmp_path):
-    from catdog.inputs import list_inputs
-    from catdog.scoring import score_listing
+    from catdog.io.inputs import list_inputs
+    from catdog.score.run import score_listing
 
     folder, outside = tmp_path / "in", tmp_path / "outside"
     (folder / "sub").mkdir(parents=True)

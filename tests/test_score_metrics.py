@@ -1,4 +1,4 @@
-"""Live scoring metrics (catdog.score_metrics): a real scoring run on the session Ray, then the
+"""Live scoring metrics (catdog.score.live_metrics): a real scoring run on the session Ray, then the
 node's Prometheus endpoint, scraped on 127.0.0.1, shows the counters moved by its rows."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
-from catdog.sample_data import generate_sample_dataset
-from catdog.score_config import ScoreConfig
+from catdog.io.sample_data import generate_sample_dataset
+from catdog.score.config import ScoreConfig
 
 
 def _scrape(port: int) -> str:
@@ -28,8 +28,8 @@ def _total(text: str, name: str, **tags: str) -> float:
 
 @pytest.mark.slow
 def test_scoring_moves_the_counters_on_the_nodes_metrics_endpoint(ray_cluster, tiny_model_run, tmp_path):
-    from catdog.run_folder import RunFolder
-    from catdog.scoring import score
+    from catdog.model.run_folder import RunFolder
+    from catdog.score.run import score
 
     port = ray_cluster.nodes()[0]["MetricsExportPort"]
     model_id = RunFolder(str(tiny_model_run)).describe().model_id

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 
 from catdog.errors import CatdogError
-from catdog.predictions_folder import PredictionsFolder, predictions_schema
-from catdog.sample_data import generate_sample_dataset
-from catdog.score_config import ScoreConfig
+from catdog.io.sample_data import generate_sample_dataset
+from catdog.score.config import ScoreConfig
+from catdog.score.predictions_folder import PredictionsFolder, predictions_schema
 
 CLASSES = ("ants", "bees", "cats")
 
@@ -31,7 +31,7 @@ def test_schema_declares_fixed_size_top_k_and_embedding_columns():
 
 
 def test_top_k_beyond_the_class_count_is_refused(three_class_run):
-    from catdog.run_folder import RunFolder
+    from catdog.model.run_folder import RunFolder
 
     info = RunFolder(str(three_class_run)).describe()
     assert info.feature_width == 2048
@@ -44,7 +44,7 @@ def test_top_k_and_embeddings_read_back_by_pandas_pyarrow_and_duckdb(ray_cluster
     import duckdb
     import pandas as pd
 
-    from catdog.scoring import score
+    from catdog.score.run import score
 
     photos = generate_sample_dataset(tmp_path / "photos", classes=CLASSES, images_per_class=4)
     (photos / "ants" / "broken.jpg").write_bytes(b"nope")

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from catdog.run_folder import RunFolder
-from catdog.tensorboard_scalars import EPOCH_SCALARS
+from catdog.model.run_folder import RunFolder
+from catdog.train.tensorboard import EPOCH_SCALARS
 
 
 def read_scalars(folder: Path) -> dict[str, dict[int, float]]:
@@ -49,8 +49,8 @@ def test_event_files_are_replaced_with_the_run_and_logged_with_it(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_rank_0_writes_every_scalar_of_every_epoch(ray_cluster, sample_images, tmp_path):
-    from catdog.train_config import TrainConfig
-    from catdog.training import train
+    from catdog.train.config import TrainConfig
+    from catdog.train.run import train
 
     run = tmp_path / "run"
     train(TrainConfig(data=str(sample_images), output=str(run), weights="none", image_size=32, epochs=3, patience=0,

@@ -132,7 +132,7 @@ def _run_job(main, args: list[str]) -> None:
 
 
 def _rows(folder: Path) -> dict[str, tuple]:
-    from catdog.predictions_folder import PredictionsFolder
+    from catdog.score.predictions_folder import PredictionsFolder
 
     table = PredictionsFolder(str(folder)).read()
     probs = sorted(name for name in table.column_names if name.startswith("prob_"))
@@ -145,8 +145,8 @@ def _rows(folder: Path) -> dict[str, tuple]:
 def test_a_registered_run_scores_like_its_run_folder(ray_cluster, mlflow_server, sample_images, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from catdog.dataset import list_labelled_images
-    from catdog.run_folder import RunFolder
+    from catdog.io.labelled import list_labelled_images
+    from catdog.model.run_folder import RunFolder
     from catdog.tracking import open_tracking
     from jobs.evaluate import main as evaluate_main
     from jobs.score import main as score_main

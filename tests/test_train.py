@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from catdog.calibration import MIN_ROWS_PER_HALF, fit_half
-from catdog.dataset import list_labelled_images, split_train_val
-from catdog.train_config import TrainConfig
+from catdog.io.labelled import list_labelled_images, split_train_val
+from catdog.train.calibration import MIN_ROWS_PER_HALF, fit_half
+from catdog.train.config import TrainConfig
 from conftest import job_lines, run_job_module
 
 ARTIFACTS = ["model.keras", "classes.json", "config.json", "metrics.json", "history.csv", "curves.png"]
@@ -61,12 +61,12 @@ def test_config_validation_names_the_bad_setting(change, flag):
 
 
 def test_bad_arguments_exit_2_before_ray_starts(tmp_path, sample_images, capsys, monkeypatch):
-    import catdog.ray_session
+    import catdog.cluster.session
 
     def no_ray(*args, **kwargs):
         raise AssertionError("the job went on to start Ray")
 
-    monkeypatch.setattr(catdog.ray_session, "init_ray", no_ray)
+    monkeypatch.setattr(catdog.cluster.session, "init_ray", no_ray)
     one_class = tmp_path / "one"
     (one_class / "cats").mkdir(parents=True)
     (one_class / "cats" / "a.jpg").write_bytes((sample_images / "cats" / "cats_0001.jpg").read_bytes())
@@ -106,8 +106,8 @@ def _embeddings(n: int, width: int = 4):
 
 
 def test_each_worker_gets_only_its_disjoint_shard_and_the_shards_cover_the_data(ray_cluster):
-    from catdog.embedding_shards import embedding_arrays
-    from catdog.training_data import shard_refs
+    from catdog.train.data import shard_refs
+    from catdog.train.embedding_shards import embedding_arrays
 
     n, width, world = 23, 4, 3
     train, val = _embeddings(n, width), _embeddings(10, width)
@@ -124,7 +124,7 @@ def test_each_worker_gets_only_its_disjoint_shard_and_the_shards_cover_the_data(
 
 
 def test_cached_batches_reshuffle_a_shard_each_epoch_and_cut_it_to_the_common_length():
-    from catdog.embedding_shards import cached_batches, embedding_arrays
+    from catdog.train.embedding_shards import cached_batches, embedding_arrays
 
     n, width = 23, 4
     features, labels = embedding_arrays(_embeddings(n, width))
@@ -139,7 +139,7 @@ def test_cached_batches_reshuffle_a_shard_each_epoch_and_cut_it_to_the_common_le
 
 
 def test_worker_seeds_differ_by_rank_and_epoch():
-    from catdog.worker_seeds import worker_seed
+    from catdog.train.seeds import worker_seed
 
     world, epoch = 3, 2
     seeds = [worker_seed(123, rank, epoch) for rank in range(world)]
@@ -153,9 +153,9 @@ def test_seeding_a_worker_changes_its_dropout_masks_not_its_weights():
     import keras
     import tensorflow as tf
 
-    from catdog.model import ModelSpec, build_head
-    from catdog.train_loop import _build_augmenter
-    from catdog.worker_seeds import seed_worker_randomness, worker_seed
+    from catdog.model.build import ModelSpec, build_head
+    from catdog.train.loop import _build_augmenter
+    from catdog.train.seeds import seed_worker_randomness, worker_seed
 
     spec = ModelSpec(num_classes=2, image_size=32, hidden_units=64, dropout=0.5)
     keras.utils.set_random_seed(123)
@@ -286,8 +286,8 @@ def _readable_validation(config: TrainConfig) -> list[str]:
 
 @pytest.mark.slow
 def test_saved_model_scores_validation_images_with_the_fitted_temperature(two_worker_run):
-    from catdog.imaging import read_and_decode
-    from catdog.model import load_model
+    from catdog.io.imaging import read_and_decode
+    from catdog.model.build import load_model
 
     config, output, _ = two_worker_run
     metrics = _read(output, "metrics.json")
@@ -333,8 +333,8 @@ def test_second_run_from_the_command_line_reuses_the_feature_cache(two_worker_ru
 def test_end_to_end_with_augmentation_on_a_saved_weights_file(ray_cluster, training_data, tmp_path, two_worker_run):
     import keras
 
-    from catdog.model import ResNet50Preprocess, load_model
-    from catdog.training import train
+    from catdog.model.build import ResNet50Preprocess, load_model
+    from catdog.train.run import train
 
     keras.utils.set_random_seed(7)  # not catdog's seed: a backbone the cache has never seen
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")
@@ -365,7 +365,7 @@ def test_end_to_end_with_augmentation_on_a_saved_weights_file(ray_cluster, train
 
 @pytest.mark.slow
 def test_real_photos_produce_every_artifact(ray_cluster, real_photos, tmp_path):
-    from catdog.training import train
+    from catdog.train.run import train
 
     output = tmp_path / "real"
     # 1.5 CPUs per worker: the worker and an embedding actor do not fit 2 CPUs together, so the
@@ -384,7 +384,7 @@ def test_real_photos_produce_every_artifact(ray_cluster, real_photos, tmp_path):
 
 
 def test_embeddings_overlap_the_fit_only_when_workers_and_embedding_actors_fit_together(ray_cluster):
-    from catdog.trainer import embedding_overlaps_fit
+    from catdog.train.fit import embedding_overlaps_fit
 
     def overlaps(**settings) -> bool:
         return embedding_overlaps_fit(TrainConfig(data="d", output="o", **settings))
@@ -403,7 +403,7 @@ def test_too_few_readable_images_found_while_the_fit_starts_fail_with_the_data_e
     not a hang and not a Ray Train failure. The training images come from the session's cache
     (filled by the trained run); the unreadable validation files are new to it."""
     from catdog.errors import InputError
-    from catdog.training import train
+    from catdog.train.run import train
 
     val = tmp_path / "val"
     for name in ("cats", "dogs"):
@@ -416,8 +416,8 @@ def test_too_few_readable_images_found_while_the_fit_starts_fail_with_the_data_e
 
 
 def test_ray_train_workarounds_reach_the_controller_and_drop_the_stalling_cleaner(ray_cluster):
-    """Ray 2.60 Train V2 costs, pinned (README of the workarounds: catdog/trainer.py and
-    catdog/process_env.py): the PlacementGroupCleaner callback (a ~15 s stall at every fit's end) and,
+    """Ray 2.60 Train V2 costs, pinned (README of the workarounds: catdog/train/fit.py and
+    catdog/process.py): the PlacementGroupCleaner callback (a ~15 s stall at every fit's end) and,
     without datasets, the Datasets callback are dropped; the controller's 2 s poll, which each
     per-epoch report waits for, is shortened and a local Ray's preemption watcher is off, both
     through the job's environment, which the controller actor inherits."""
@@ -426,9 +426,9 @@ def test_ray_train_workarounds_reach_the_controller_and_drop_the_stalling_cleane
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from catdog.process_env import LOCAL_RAY_ENV, SPEED_ENV
-    from catdog.ray_session import worker_runtime_env
-    from catdog.trainer import trainer_class
+    from catdog.cluster.session import worker_runtime_env
+    from catdog.process import LOCAL_RAY_ENV, SPEED_ENV
+    from catdog.train.fit import trainer_class
 
     def kinds(trainer) -> set[type]:
         return {type(callback) for callback in trainer._create_default_callbacks()}
@@ -456,13 +456,13 @@ def test_ray_train_workarounds_reach_the_controller_and_drop_the_stalling_cleane
 
 @pytest.mark.slow
 def test_workers_get_tf_config_from_a_controller_that_never_loads_tensorflow(ray_cluster, tmp_path):
-    """catdog.tf_backend: each of two workers gets Ray's TF_CONFIG (every worker's address, its own
+    """catdog.train.backend: each of two workers gets Ray's TF_CONFIG (every worker's address, its own
     rank), and the Train controller, which unpickles the backend config, has no TensorFlow loaded
     (with Ray's TensorflowConfig it has)."""
     from ray.train import RunConfig, ScalingConfig
 
-    from catdog.tf_backend import TensorflowWorkersConfig
-    from catdog.trainer import trainer_class
+    from catdog.train.backend import TensorflowWorkersConfig
+    from catdog.train.fit import trainer_class
 
     def loop(config: dict) -> None:
         import ray.train

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from catdog.train_config import TrainConfig
+from catdog.train.config import TrainConfig
 
 EPOCHS = 12  # short epochs (~0.3 s each): the kill lands mid-run with a margin of several seconds
 KILL_AFTER_EPOCH = 2
@@ -48,7 +48,7 @@ def _reported_epochs(output: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_killed_worker_process_resumes_from_the_latest_checkpoint(ray_cluster, sample_images, feature_cache, tmp_path):
-    from catdog.training import train
+    from catdog.train.run import train
 
     output = tmp_path / "run"
     config = TrainConfig(data=str(sample_images), output=str(output), weights="none", image_size=32, epochs=EPOCHS,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from catdog.errors import OutputExistsError
-from catdog.run_folder import RUN_FILES, RUN_MARKER, RunFolder
-from catdog.sample_data import generate_sample_dataset
-from catdog.train_config import TrainConfig
+from catdog.io.sample_data import generate_sample_dataset
+from catdog.model.run_folder import RUN_FILES, RUN_MARKER, RunFolder
+from catdog.train.config import TrainConfig
 from conftest import job_lines, run_job_module
 
 HISTORY = [{"epoch": 1, "loss": 1.0, "accuracy": 0.5, "val_loss": 1.1, "val_accuracy": 0.5, "epoch_time_s": 1.0}]
@@ -30,14 +30,14 @@ USER_FILES = ["notes.txt", "checkpoints/mine.txt", "checkpoints/my-experiment/st
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fail a test that goes on to load the backbone or start Ray: every refusal comes before."""
-    import catdog.ray_session
-    import catdog.training
+    import catdog.cluster.session
+    import catdog.train.run
 
     def refuse(*args, **kwargs):
         raise AssertionError("training went on to start Ray or TensorFlow")
 
-    monkeypatch.setattr(catdog.ray_session, "init_ray", refuse)
-    monkeypatch.setattr(catdog.training, "_load_backbone", refuse)
+    monkeypatch.setattr(catdog.cluster.session, "init_ray", refuse)
+    monkeypatch.setattr(catdog.train.run, "_load_backbone", refuse)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes | None]:
@@ -46,7 +46,7 @@ def _snapshot(folder: Path) -> dict[str, bytes | None]:
 
 
 def _train(**kw):
-    from catdog.training import train
+    from catdog.train.run import train
 
     return train(TrainConfig(weights="none", image_size=32, **kw))
 
