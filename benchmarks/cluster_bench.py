@@ -3,7 +3,7 @@
     python benchmarks/cluster_bench.py --n 2000            # ~10 min on 2 shared cores
 
 Side by side in one run (--rounds pairs in ABBA order, both clusters up throughout), each `python -m jobs.score` joined to its own real Ray cluster on this
-machine (tests/multinode.py: a head that takes no tasks, like cluster.yaml's, and worker nodes,
+machine (tests/support/multinode.py: a head that takes no tasks, like cluster.yaml's, and worker nodes,
 each its own raylet on 127.0.0.1), the same 2 cores and object store in total:
 - one_node: one worker node with 2 CPUs (300 MB object store);
 - two_nodes: two worker nodes with 1 CPU each (150 MB each): decoded pixels cross nodes;
@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from benchmarks import score_bench  # noqa: E402 - after the path set-up
 from benchmarks.process_stats import child_pids, cpu_seconds  # noqa: E402
-from multinode import MultiNodeCluster  # noqa: E402
+from support.multinode import MultiNodeCluster  # noqa: E402
 
 PREDICTOR_CLASS = "MapWorker(MapBatches(Predictor))"
 TARGET_RATIO = 0.85
@@ -51,7 +51,7 @@ def make_input(folder: Path, n: int) -> Path:
 
 def build_model(run: Path, image_size: int) -> Path:
     """A run folder with a random-weight ResNet50 (in a subprocess: TensorFlow stays out of here)."""
-    code = ("import sys; from pathlib import Path; from conftest import write_model_run; "
+    code = ("import sys; from pathlib import Path; from support import write_model_run; "
             f"Path({str(run)!r}).mkdir(parents=True); write_model_run(Path({str(run)!r}), image_size={image_size})")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"},
                    check=True, capture_output=True)

@@ -1,6 +1,6 @@
 """How soon does the first image come, and how much memory does listing take, for a large flat S3 prefix?
 
-Starts moto's S3 server on 127.0.0.1 (tests/s3local.py; no AWS), fills two flat prefixes of tiny
+Starts moto's S3 server on 127.0.0.1 (tests/support/s3local.py; no AWS), fills two flat prefixes of tiny
 objects (hex names, as content-addressed stores use), each in a bucket of its own, and lists each
 in a fresh subprocess, so that its peak RSS is the listing's own, side by side:
 - one call: pyarrow `FileSelector(prefix, recursive=True)`, sorted, then rows (what
@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from catdog.io import bucket_listing
-    from s3local import LocalS3Server
+    from support.s3local import LocalS3Server
 
     listers = args.listers or bucket_listing.LISTERS
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise

@@ -4,7 +4,7 @@
 the *parent's* high-water mark into the child's maxrss, so a child of a 2 GB pytest process
 reports >= 2 GB whatever it does (seen in CI). `VmHWM` in /proc/<pid>/status belongs to the
 child's own address space, which exec creates fresh; the wrapper below reads it at exit.
-Used by tests/test_report.py, tests/test_imaging.py and benchmarks/report_bench.py.
+Used by tests/analyse/test_report.py, tests/io/test_imaging.py and benchmarks/report_bench.py.
 """
 
 from __future__ import annotations

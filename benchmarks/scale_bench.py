@@ -51,7 +51,7 @@ def _env() -> dict:
 
 
 def _model(work: Path) -> Path:
-    from conftest import write_model_run
+    from support import write_model_run
 
     run = work / "model"
     if not (run / "model.keras").exists():

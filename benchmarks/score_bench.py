@@ -83,7 +83,7 @@ def _last_json(stdout: str) -> dict:
 
 def worker_build(run: str, image_size: int) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import write_model_run
+    from support import write_model_run
 
     Path(run).mkdir(parents=True, exist_ok=True)
     write_model_run(Path(run), image_size=image_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Callable
@@ -29,6 +30,14 @@ def configure_logging(verbose: bool = False) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def config_from_args(config_class: type, args: argparse.Namespace, **values):
+    """`config_class` (a job's config dataclass) from the parsed flags named like its fields; `values`
+    set the fields the job works out itself (a downloaded model, say). Flags that are no field
+    (--verbose, --dry-run) stay out: every job turns its flags into its config this one way."""
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in vars(args).items() if k in names and k not in values}, **values)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="debug logging, including Ray's and TensorFlow's")
 
@@ -36,9 +45,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     """Where and how the model runs: the flags jobs.score and jobs.evaluate share."""
     from catdog.model.options import PRECISIONS
-    from catdog.score.config import DEFAULT_CPU_BATCH_SIZE, DEFAULT_GPU_BATCH_SIZE
+    from catdog.score.config import DEFAULT_CPU_BATCH_SIZE, DEFAULT_GPU_BATCH_SIZE, ScoreConfig
 
-    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+    defaults = ScoreConfig(model="-", input="-", output="-")
+    parser.add_argument("--precision", default=defaults.precision, choices=PRECISIONS,
                         help="bfloat16 is faster on AMX/AVX512-BF16 CPUs; float16 for GPUs")
     parser.add_argument("--use-gpu", action="store_true", help="run predictors on GPUs")
     parser.add_argument("--num-workers", type=int, default=None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from catdog.cli import add_common_arguments, entrypoint
+from catdog.cli import add_common_arguments, config_from_args, entrypoint
 from catdog.demo import DemoConfig, run_demo
 
 
@@ -27,10 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    summary = run_demo(DemoConfig(
-        workdir=args.workdir, images_per_class=args.images_per_class, image_size=args.image_size,
-        epochs=args.epochs, num_workers=args.num_workers, overwrite=args.overwrite,
-    ))
+    summary = run_demo(config_from_args(DemoConfig, args))
     print("\nDemo summary:\n" + json.dumps(summary, indent=2))
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 
-from catdog.cli import add_common_arguments, add_predictor_arguments, entrypoint
+from catdog.analyse.evaluation import EvaluateConfig
+from catdog.cli import add_common_arguments, add_predictor_arguments, config_from_args, entrypoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = EvaluateConfig(model="-", data="-", output="-")
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="training run folder (model.keras + classes.json), or an MLflow "
                         "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/PATH")
@@ -25,23 +27,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="labelled folder: <class>/<image> (path or URI)")
     parser.add_argument("--output", required=True, help="evaluation folder (path or URI)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing evaluation folder")
-    parser.add_argument("--bins", type=int, default=15, help="calibration bins for ECE (default 15)")
-    parser.add_argument("--mistakes", type=int, default=20, help="images on the mistakes contact sheet (default 20)")
+    parser.add_argument("--bins", type=int, default=defaults.bins, help="calibration bins for ECE (default %(default)d)")
+    parser.add_argument("--mistakes", type=int, default=defaults.mistakes,
+                        help="images on the mistakes contact sheet (default %(default)d)")
     add_predictor_arguments(parser)
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    from catdog.analyse.evaluation import EvaluateConfig, evaluate
+    from catdog.analyse.evaluation import evaluate
     from catdog.tracking import resolve_model
 
     model, model_uri = resolve_model(args.model, args.mlflow_uri)  # models:/, runs:/: a downloaded copy
-    evaluate(EvaluateConfig(
-        model=model, model_uri=model_uri, data=args.data, output=args.output, overwrite=args.overwrite,
-        bins=args.bins, mistakes=args.mistakes, batch_size=args.batch_size, num_workers=args.num_workers,
-        precision=args.precision, use_gpu=args.use_gpu, ray_address=args.ray_address,
-    ))
+    evaluate(config_from_args(EvaluateConfig, args, model=model, model_uri=model_uri))
 
 
 main = entrypoint(parse_args, run)

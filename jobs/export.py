@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from catdog.cli import add_common_arguments, entrypoint
+from catdog.cli import add_common_arguments, config_from_args, entrypoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> None:
     from catdog.model.export import ExportConfig, export_model
 
-    export_model(ExportConfig(model=args.model, output=args.output, overwrite=args.overwrite))
+    export_model(config_from_args(ExportConfig, args))
 
 
 main = entrypoint(parse_args, run)

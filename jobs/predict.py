@@ -12,15 +12,18 @@ import argparse
 
 from catdog.cli import add_common_arguments, entrypoint
 from catdog.model.options import PRECISIONS
+from catdog.score.config import ScoreConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = ScoreConfig(model="-", input="-", output="-")  # one image is scored as a scoring run scores it
     parser = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image", help="image file (path or URI)")
     parser.add_argument("--model", required=True, help="training run folder (model.keras + classes.json) or a .keras file")
-    parser.add_argument("--precision", default="float32", choices=PRECISIONS)
-    parser.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 100,000,000)")
+    parser.add_argument("--precision", default=defaults.precision, choices=PRECISIONS)
+    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
+                        help="refuse larger images (default %(default)d)")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 

@@ -13,22 +13,23 @@ from __future__ import annotations
 import argparse
 
 from catdog.analyse.report import ReportConfig, format_report, report
-from catdog.cli import add_common_arguments, entrypoint
+from catdog.cli import add_common_arguments, config_from_args, entrypoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = ReportConfig("-")
     parser = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("predictions", help="predictions folder written by jobs.score or jobs.evaluate (path or URI)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="confidence below this is low (default 0.5)")
-    parser.add_argument("--output", default=None, help="folder for report.json and confidence.png")
-    parser.add_argument("--bins", type=int, default=20, help="confidence histogram bins (default 20)")
+    parser.add_argument("--threshold", type=float, default=defaults.threshold,
+                        help="confidence below this is low (default %(default)g)")
+    parser.add_argument("--output", default=defaults.output, help="folder for report.json and confidence.png")
+    parser.add_argument("--bins", type=int, default=defaults.bins, help="confidence histogram bins (default %(default)d)")
     add_common_arguments(parser)
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    config = ReportConfig(args.predictions, threshold=args.threshold, output=args.output, bins=args.bins)
-    print(format_report(report(config)))
+    print(format_report(report(config_from_args(ReportConfig, args))))
 
 
 main = entrypoint(parse_args, run)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 
-from catdog.cli import add_common_arguments, entrypoint
+from catdog.cli import add_common_arguments, config_from_args, entrypoint
 from catdog.cluster.checks import SHARED_STORAGE_FLAG, SHARED_STORAGE_HELP
 from catdog.model.options import HEADS
 from catdog.train.config import MODES, PLACEMENTS, TrainConfig
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     from catdog.train.run import train
 
-    train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "verbose"}))
+    train(config_from_args(TrainConfig, args))
 
 
 main = entrypoint(lambda argv: build_parser().parse_args(argv), run)

@@ -3,23 +3,16 @@ server, one trained run and its feature cache, generated image folders, real pho
 
 from __future__ import annotations
 
-import logging
 import os
-import re
-import runpy
 import shutil
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
 
 from catdog.process import quiet_environment
+from support import REAL_PHOTOS, REPO, write_model_run
 
 quiet_environment()
-
-REPO = Path(__file__).resolve().parents[1]
-REAL_PHOTOS = REPO.parent / "shared" / "data" / "catdog-dev"
 
 
 def pytest_configure(config):
@@ -61,46 +54,11 @@ def ray_job_env(ray_cluster) -> dict[str, str]:
     return env
 
 
-# A line the session's Ray forwards from one of its processes: "(RayTrainWorker pid=123) ...", "(raylet) ..."
-_FORWARDED_BY_RAY = re.compile(r"(\x1b\[\d+m)?\((raylet|\S+ pid=\d+)")
-
-
-def job_lines(text: str) -> list[str]:
-    """The lines of captured output that the job in this process wrote (not those Ray forwards)."""
-    return [line for line in text.splitlines() if not _FORWARDED_BY_RAY.match(line)]
-
-
-def run_job_module(module: str, *argv: str) -> int:
-    """`python -m <module> <argv>` in this process (runpy runs it as `__main__`, as -m does), for
-    jobs that need no fresh interpreter (help, user mistakes, one prediction, an export): returns
-    the exit code; the output is in capsys.
-
-    The job's logging set-up (catdog.cli.configure_logging replaces the root handlers with one on
-    the captured stderr) is undone after, so later tests log as before."""
-    root = logging.getLogger()
-    handlers, levels = root.handlers[:], {name: logging.getLogger(name).level
-                                           for name in ["", *logging.root.manager.loggerDict]}
-    saved_argv = sys.argv
-    sys.argv = [module, *argv]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules": imported by a test before
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as exit_info:
-        return 0 if exit_info.code is None else exit_info.code
-    finally:
-        sys.argv = saved_argv
-        root.handlers[:] = handlers
-        for name in ["", *logging.root.manager.loggerDict]:
-            logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
-    raise AssertionError(f"{module} returned without exiting")
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A local S3-compatible server (moto) on 127.0.0.1, one per test session."""
     pytest.importorskip("moto.server")
-    from s3local import LocalS3Server
+    from support.s3local import LocalS3Server
 
     server = LocalS3Server()
     yield server
@@ -143,24 +101,6 @@ def real_photos() -> Path:
     return REAL_PHOTOS
 
 
-def write_model_run(run: Path, image_size: int = 32, classes: tuple[str, ...] = ("cats", "dogs"), seed: int = 0) -> Path:
-    """A run folder as training writes it (model.keras, classes.json, config.json), with a randomly
-    initialised (seeded) backbone and head: no download, a few seconds to build."""
-    import json
-
-    from catdog.model.build import ModelSpec, build_feature_extractor, build_head, build_model, save_model
-
-    import keras  # after catdog.model.build, which imports TensorFlow quietly
-
-    spec = ModelSpec(num_classes=len(classes), image_size=image_size)
-    extractor = build_feature_extractor(spec, None, seed=seed)
-    keras.utils.set_random_seed(seed)
-    save_model(build_model(extractor, build_head(spec)), str(run / "model.keras"))
-    (run / "classes.json").write_text(json.dumps(list(classes)))
-    (run / "config.json").write_text(json.dumps({"model_spec": spec.to_dict()}))
-    return run
-
-
 @pytest.fixture(scope="session")
 def tiny_model_run(tmp_path_factory) -> Path:
     """A 32-pixel two-class (cats, dogs) run folder for scoring tests."""
@@ -172,7 +112,7 @@ _started_multinode: list = []  # the session's multi-node cluster, once a test a
 
 @pytest.fixture(scope="session")
 def multinode():
-    """A real multi-node Ray cluster on 127.0.0.1, shared by the session (tests/multinode.py): a head
+    """A real multi-node Ray cluster on 127.0.0.1, shared by the session (tests/support/multinode.py): a head
     that takes no tasks, like cluster.yaml's, and three 1-CPU worker nodes. Jobs under test run as
     subprocesses with `env=multinode.job_env()`; a test that removes nodes starts with
     `multinode.ensure_worker_nodes()` or ends with it, so the next test finds three again.
@@ -181,7 +121,7 @@ def multinode():
     four nodes' Ray processes would otherwise keep polling through the rest of the session. (Under
     pytest-xdist a test process collects every test but runs only some, so there it may live on
     to that process's end.)"""
-    from multinode import MultiNodeCluster
+    from support.multinode import MultiNodeCluster
 
     with MultiNodeCluster(worker_nodes=3, cpus_per_node=1) as cluster:
         _started_multinode.append(cluster)
@@ -233,7 +173,7 @@ def trained_run(ray_cluster, training_data, feature_cache, tmp_path_factory):
     Returns (TrainConfig, run folder, TrainResult). A validation fraction of 0.4 gives 37 readable
     validation images, enough for both calibration halves (catdog.train.calibration.MIN_ROWS_PER_HALF);
     the default 0.2 gives 19. It computes every embedding of `training_data` into `feature_cache`
-    (tests/test_train.py checks that): use it before any other run on that data with that cache."""
+    (tests/train/test_train.py checks that): use it before any other run on that data with that cache."""
     from catdog.train.config import TrainConfig
     from catdog.train.run import train
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_job_module
+from support import run_job_module
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = ["train", "score", "predict", "evaluate", "report", "demo", "export"]
@@ -37,7 +37,7 @@ def test_demo_runs_end_to_end_and_its_overwrite_keeps_a_users_files(ray_job_env,
     workdir = tmp_path / "demo"
     # A workdir that already holds a user's files, among them one inside the demo's data and
     # predictions folders: --overwrite replaces only what the demo makes. (A run folder that holds
-    # no run is refused by jobs.train --overwrite: tests/test_train_output_safety.py.)
+    # no run is refused by jobs.train --overwrite: tests/train/test_train_output_safety.py.)
     users = {workdir / "notes.txt": "keep me", workdir / "data" / "train" / "cats" / "mine.txt": "mine",
              workdir / "predictions" / "my-notes.md": "mine too"}
     for path, text in users.items():

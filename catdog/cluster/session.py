@@ -19,7 +19,7 @@ _started_local_ray = False  # init_ray started a local Ray from this process
 # On Linux Ray replaces a loopback node address by the machine's external one and its GCS,
 # raylet, object manager, workers and agents then listen on every interface. With "clusters"
 # switched off, as Ray does on macOS and Windows, the node address stays 127.0.0.1 and every one
-# of them binds to loopback (tests/test_local_security.py checks the listening sockets).
+# of them binds to loopback (tests/cluster/test_local_security.py checks the listening sockets).
 _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 LOOPBACK = "127.0.0.1"
 

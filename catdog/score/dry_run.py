@@ -18,7 +18,7 @@ from catdog.io import imaging, inputs
 from catdog.model.run_folder import RunFolder
 from catdog.score.config import ScoreConfig
 from catdog.score.pipeline import DECODE_CPUS, PREDICTOR_CPUS, plan_pool
-from catdog.score.predictions_folder import PredictionsFolder
+from catdog.score.run import check_before_work
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,7 @@ def plan_score(config: ScoreConfig, sample_files: int = SAMPLE_FILES) -> dict:
     Raises:
         InputError, ModelLoadError, OutputExistsError, CatdogError: as `catdog.score.run.score` would.
     """
-    folder = PredictionsFolder(config.output)
-    folder.refuse_unsafe(config.input)
-    folder.refuse_existing(overwrite=config.overwrite, resume=config.resume)
-    source = inputs.open_input(config.input, follow_symlinks=config.follow_symlinks)
+    folder, source = check_before_work(config)
     info = RunFolder(config.model).describe()
     columns = config.output_columns(info)
     files, sample = 0, []

@@ -40,7 +40,7 @@ from catdog.io import file_reads, imaging, inputs
 from catdog.model.run_folder import ModelInfo
 from catdog.score import progress
 from catdog.score.config import ScoreConfig
-from catdog.score.predictions_folder import PredictionsFolder, predictions_schema
+from catdog.score.predictions_folder import PredictionsFolder
 
 logger = logging.getLogger(__name__)
 
@@ -225,20 +225,37 @@ def _object_store_budget(budget: int):
         options.resource_limits = saved
 
 
-def run_pipeline(source, total: int, with_true_label: bool, config: ScoreConfig, info: ModelInfo, run_id: str,
-                 counter, total_known: bool = True, read_args: dict | None = None) -> dict:
-    """Score the paths a Ray Data `source` yields into new part files of `config.output`.
+def run_pipeline(source, folder: PredictionsFolder, schema: pa.Schema, config: ScoreConfig, info: ModelInfo,
+                 run_id: str, counter, total: int, total_known: bool = True, read_args: dict | None = None) -> dict:
+    """Score the paths a Ray Data `source` yields into new part files of `folder`, in `schema`.
 
     `total`: files to score (for block sizes and progress); with `total_known` False a streaming
     listing reports them to the progress `counter` as it goes. `read_args`: Ray options of the
     source's read tasks. Returns the predictor pool: {min, max, why, peak} (peak: most alive at once).
+
+    Raises:
+        ModelLoadError: a model the actors cannot load (exit 2). The driver checks the artifact
+            without loading it; what only loading can find (corrupt weights, shapes that do not
+            fit classes.json) surfaces as an actor that died in __init__.
     """
+    from ray.exceptions import RayActorError
+
+    try:
+        return _run(source, folder, schema, config, info, run_id, counter, total, total_known, read_args)
+    except RayActorError as exc:
+        found = re.search(r"ModelLoadError: (.+)", str(exc))
+        if exc.actor_init_failed and found:
+            raise ModelLoadError(found.group(1).strip()) from exc
+        raise
+
+
+def _run(source, folder: PredictionsFolder, schema: pa.Schema, config: ScoreConfig, info: ModelInfo, run_id: str,
+         counter, total: int, total_known: bool, read_args: dict | None) -> dict:
     import ray
 
     from catdog.score.predictor import Predictor
 
     batch_size = config.effective_batch_size
-    schema = predictions_schema(info.class_names, with_true_label=with_true_label, **config.output_columns(info))
     predictor_resources = {"num_cpus": PREDICTOR_CPUS}
     if config.use_gpu:
         predictor_resources["num_gpus"] = config.gpus_per_worker
@@ -261,14 +278,12 @@ def run_pipeline(source, total: int, with_true_label: bool, config: ScoreConfig,
         ds = ds.map_batches(
             Predictor,
             fn_constructor_kwargs={"info": info, "precision": config.precision, "use_gpu": config.use_gpu,
-                                   "with_true_label": with_true_label, "progress": counter,
-                                   "top_k": config.top_k, "embeddings": config.embeddings},
+                                   "schema": schema, "progress": counter},
             compute=pool,
             batch_size=batch_size,
             batch_format="numpy",
             **predictor_resources,
         )
-        folder = PredictionsFolder(config.output)
         ds.write_parquet(
             folder.root,
             filesystem=folder.fs,
@@ -279,20 +294,3 @@ def run_pipeline(source, total: int, with_true_label: bool, config: ScoreConfig,
             schema=schema,
         )
     return {**plan.as_dict(), "peak": watcher.peak}
-
-
-def run_reporting_model_errors(*args, **kwargs) -> dict:
-    """`run_pipeline`; a model the actors cannot load is the user's ModelLoadError (exit 2).
-
-    The driver checks the artifact without loading it; what only loading can find (corrupt
-    weights, shapes that do not fit classes.json) surfaces here as an actor that died in __init__.
-    """
-    from ray.exceptions import RayActorError
-
-    try:
-        return run_pipeline(*args, **kwargs)
-    except RayActorError as exc:
-        found = re.search(r"ModelLoadError: (.+)", str(exc))
-        if exc.actor_init_failed and found:
-            raise ModelLoadError(found.group(1).strip()) from exc
-        raise

@@ -38,7 +38,9 @@ class Predictor:
     """
 
     def __init__(self, info: ModelInfo, precision: str = "float32", use_gpu: bool = False,
-                 with_true_label: bool = False, progress=None, top_k: int = 0, embeddings: bool = False):
+                 schema: pa.Schema | None = None, progress=None):
+        """`schema`: the run's rows (`predictions_schema`: its optional columns say what to add);
+        default: the plain schema of the model's classes."""
         started = time.monotonic()
         self._progress = progress  # a catdog.score.progress.ProgressCounter actor, told of every batch
         self._metrics = None
@@ -51,10 +53,11 @@ class Predictor:
 
         self._info = info
         self._class_names = np.array(info.class_names, dtype=object)
-        self._top_k = top_k
-        self._embedding_width = info.feature_width if embeddings else 0
-        self._schema = predictions_schema(info.class_names, with_true_label=with_true_label, top_k=top_k,
-                                          embedding_width=self._embedding_width or 0)
+        self._schema = schema if schema is not None else predictions_schema(info.class_names)
+        self._top_k = self._schema.field(TOP_K_LABELS).type.list_size if TOP_K_LABELS in self._schema.names else 0
+        self._embedding_width = (self._schema.field(EMBEDDING).type.list_size if EMBEDDING in self._schema.names
+                                 else 0)
+        embeddings = bool(self._embedding_width)
         self._model = load_inference_model(info.location, precision)
         if self._model.output_shape[-1] != len(info.class_names) or self._model.input_shape[1] != info.image_size:
             raise ModelLoadError(f"{info.location}: model shapes {self._model.input_shape} -> "

@@ -37,7 +37,7 @@ from catdog.errors import TRANSIENT_ERROR_KINDS, CatdogError, ModelLoadError
 from catdog.io import inputs
 from catdog.score import ledger, progress, sources
 from catdog.score.config import ScoreConfig
-from catdog.score.pipeline import MAX_PATHS_PER_BLOCK, block_rows, run_reporting_model_errors
+from catdog.score.pipeline import MAX_PATHS_PER_BLOCK, block_rows, run_pipeline
 from catdog.score.predictions_folder import AccountingError, PredictionsFolder, new_run_id, now_iso, predictions_schema
 
 logger = logging.getLogger(__name__)
@@ -73,19 +73,32 @@ def score(config: ScoreConfig) -> dict:
         AccountingError: the written rows do not match the listed files (exit 1).
     """
     started = time.monotonic()
+    folder, source = check_before_work(config)
+    return _score_source(config, folder, source, started)
+
+
+def score_listing(config: ScoreConfig, listing: inputs.InputListing, started: float | None = None) -> dict:
+    """Score an already listed input (see `score`); files may change between listing and reading."""
+    folder = PredictionsFolder(config.output)
+    folder.refuse_unsafe(config.input)
+    source = inputs.InputSource.from_table(config.input, listing)
+    return _score_source(config, folder, source, time.monotonic() if started is None else started)
+
+
+def check_before_work(config: ScoreConfig) -> tuple[PredictionsFolder, inputs.InputSource]:
+    """The checks a run makes before anything is read or written (a dry run makes the same):
+    the output's place and state, the input's kind, an image in a folder input.
+
+    Raises:
+        OutputExistsError, InputError: see `score`.
+    """
     folder = PredictionsFolder(config.output)
     folder.refuse_unsafe(config.input)
     folder.refuse_existing(overwrite=config.overwrite, resume=config.resume)
     source = inputs.open_input(config.input, follow_symlinks=config.follow_symlinks)
     if source.kind == "folder":
         _refuse_empty_folder(source)
-    return _score_source(config, source, started)
-
-
-def score_listing(config: ScoreConfig, listing: inputs.InputListing, started: float | None = None) -> dict:
-    """Score an already listed input (see `score`); files may change between listing and reading."""
-    source = inputs.InputSource.from_table(config.input, listing)
-    return _score_source(config, source, time.monotonic() if started is None else started)
+    return folder, source
 
 
 def _refuse_empty_folder(source: inputs.InputSource) -> None:
@@ -96,12 +109,11 @@ def _refuse_empty_folder(source: inputs.InputSource) -> None:
     inputs.check_not_empty(probe, 0)
 
 
-def _score_source(config: ScoreConfig, source: inputs.InputSource, started: float) -> dict:
+def _score_source(config: ScoreConfig, folder: PredictionsFolder, source: inputs.InputSource, started: float) -> dict:
+    """One run from checked input and output: lease, prepare, stream or plan and score, account."""
     from catdog.model.run_folder import describe_model
     from catdog.score.lease import OutputLease
 
-    folder = PredictionsFolder(config.output)
-    folder.refuse_unsafe(config.input)
     run_id = new_run_id()
     info = describe_model(config.model)
     _check_cluster(config, source)
@@ -123,8 +135,10 @@ def _score_source(config: ScoreConfig, source: inputs.InputSource, started: floa
             folder.clear_listing()
             streaming = source.kind == "folder" and source.preloaded is None and not state.kept_files
             with tempfile.TemporaryDirectory(prefix="catdog-scoring-", dir=config.scratch_dir) as scratch:
-                run = _stream if streaming else _plan_and_score
-                outcome = run(config, source, folder, info, run_id, schema, scratch, lease)
+                if streaming:  # a folder or prefix into a new or empty output: scored as it is listed
+                    outcome = _stream(config, source, folder, info, run_id, schema)
+                else:  # a resume, a manifest or a listing in memory: listed, planned, then scored
+                    outcome = _plan_and_score(config, source, folder, info, run_id, schema, scratch, lease)
                 counts = _account(folder, outcome, run_id, scratch)
         except ModelLoadError:
             lease.release()
@@ -165,7 +179,8 @@ def _summary(config: ScoreConfig, run_info: dict, schema: pa.Schema, outcome: _O
     }
 
 
-def _stream(config, source, folder, info, run_id, schema, scratch, lease) -> _Outcome:
+def _stream(config: ScoreConfig, source: inputs.InputSource, folder: PredictionsFolder, info, run_id: str,
+            schema: pa.Schema) -> _Outcome:
     """Score while listing: the listing is the pipeline's source."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -181,15 +196,15 @@ def _stream(config, source, folder, info, run_id, schema, scratch, lease) -> _Ou
     # same from anywhere.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     pinned = "://" not in source.location and not config.assume_shared_storage
-    pool = run_reporting_model_errors(
-        sources.ListingSource(source, config.output, rows, counter), inputs.CHUNK_ROWS,
-        source.has_true_label, config, info, run_id, counter, total_known=False,
-        read_args={"scheduling_strategy": here} if pinned else {})
+    pool = run_pipeline(sources.ListingSource(source, config.output, rows, counter), folder, schema, config, info,
+                        run_id, counter, inputs.CHUNK_ROWS, total_known=False,
+                        read_args={"scheduling_strategy": here} if pinned else {})
     listed = folder.count_listed()  # the kept listing is the record; the counter only reports progress
     return _Outcome(listed=listed, scored=listed, skipped=ray.get(counter.totals.remote())["skipped"], pool=pool)
 
 
-def _plan_and_score(config, source, folder, info, run_id, schema, scratch, lease) -> _Outcome:
+def _plan_and_score(config: ScoreConfig, source: inputs.InputSource, folder: PredictionsFolder, info, run_id: str,
+                    schema: pa.Schema, scratch: str, lease) -> _Outcome:
     """List into `_listing/`, plan against the rows already written, score `_todo/`.
 
     Rows to replace (changed files, transient errors, and with --drop-unlisted the unlisted
@@ -239,9 +254,8 @@ def _plan_and_score(config, source, folder, info, run_id, schema, scratch, lease
     if plan.todo:
         init_ray(config.ray_address)
         rows = block_rows(plan.todo, config.effective_batch_size)
-        outcome.pool = run_reporting_model_errors(
-            sources.ChunkFilesSource(folder.todo_files(), folder.fs, rows), plan.todo,
-            source.has_true_label, config, info, run_id, progress.start_counter())
+        outcome.pool = run_pipeline(sources.ChunkFilesSource(folder.todo_files(), folder.fs, rows), folder, schema,
+                                    config, info, run_id, progress.start_counter(), plan.todo)
     return outcome
 
 

@@ -24,10 +24,10 @@ from catdog.io.paths import local_path_bytes
 from catdog.score import predictions_folder as output
 from catdog.score.config import ScoreConfig
 from catdog.score.predictions_folder import PredictionsFolder, predictions_schema
-from conftest import job_lines, run_job_module
-from hostile_corpus import MAX_PIXELS, write_corpus, write_storage_oddities
+from support import job_lines, run_job_module
+from support.hostile_corpus import MAX_PIXELS, write_corpus, write_storage_oddities
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["cats", "dogs"]
 PROBS = ["prob_cats", "prob_dogs"]
 # bf16 keeps 8 bits of mantissa; through ResNet50 the probabilities of the 32-px test model moved
@@ -93,91 +93,6 @@ def test_jobs_parse_their_arguments(capsys):
     assert predict.parse_args(["x.jpg", "--model", "r"]).image == "x.jpg"
     text = predict.format_prediction({"label": "dogs", "confidence": 0.875, "probabilities": {"cats": 0.125, "dogs": 0.875}})
     assert text.splitlines() == ["This image is 87.50% dogs.", "  cats: 0.1250", "  dogs: 0.8750"]
-
-
-def _part_name(task: int = 0, run_id: str = "0123456789ab") -> str:
-    return output.PartFilenameProvider(run_id).get_filename_for_task("f" * 32, task).replace(".parquet", "-0.parquet")
-
-
-def _write_part(folder: Path, paths: list[str], task: int = 0, run_id: str = "0123456789ab") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    n = len(paths)
-    table = pa.table({
-        "path": paths, "label": ["cats"] * n, "prob_cats": pa.array([0.9] * n, pa.float32()),
-        "prob_dogs": pa.array([0.1] * n, pa.float32()), "confidence": pa.array([0.9] * n, pa.float32()),
-        "error": pa.array([None] * n, pa.string()), "width": pa.array([1] * n, pa.int32()),
-        "height": pa.array([1] * n, pa.int32()), "model_id": ["m"] * n,
-        "scored_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
-        "file_size": pa.array([1] * n, pa.int64()), "file_modified": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
-    }, schema=predictions_schema(CLASSES))
-    path = folder / _part_name(task, run_id)
-    pq.write_table(table, path)
-    return path
-
-
-def test_part_file_names_carry_run_and_write_ids_and_match_our_pattern():
-    name = output.PartFilenameProvider("0123456789ab").get_filename_for_task("a" * 32, 7)
-    assert name == f"catdog-0123456789ab-{'a' * 32}_000007.parquet"
-    assert "." not in name[: -len(".parquet")]  # Ray's template needs no dot before the extension
-    assert output.is_part_file(name.replace(".parquet", "-0.parquet"))
-    for other in ("part-0.parquet", "catdog-x.parquet", f"catdog-0123456789ab-{'a' * 32}_000007-0.parquet.tmp"):
-        assert not output.is_part_file(other)
-
-
-def test_existing_output_is_refused_then_overwrite_removes_only_our_files(tmp_path):
-    out = tmp_path / "out"
-    ours = [_write_part(out, ["/a.jpg"]), _write_part(out / "label=cats", ["/b.jpg"], 1)]
-    (out / output.SUCCESS_FILE).write_text("{}")
-    (out / output.RUN_MARKER).write_text("{}")
-    theirs = [out / "notes.md", out / "part-00000.parquet", out / "label=cats" / "mine.csv", out / "sub" / "x.parquet"]
-    for path in theirs:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("keep me")
-    with pytest.raises(OutputExistsError, match="--resume.*--overwrite"):
-        PredictionsFolder(str(out)).refuse_existing(overwrite=False, resume=False)
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputExistsError, match="is a file"):
-        PredictionsFolder(str(tmp_path / "file")).refuse_existing(overwrite=True, resume=False)
-    state = PredictionsFolder(str(out)).prepare(overwrite=True, resume=False, run_info={"model_id": "m"},
-                                  schema=predictions_schema(CLASSES))
-    assert state.deleted == 4
-    assert not any(p.exists() for p in ours) and not (out / output.SUCCESS_FILE).exists()
-    assert all(p.read_text() == "keep me" for p in theirs)
-    assert json.loads((out / output.RUN_MARKER).read_text()) == {"model_id": "m"}
-
-
-def test_resume_quarantines_truncated_parts_and_refuses_another_model(tmp_path):
-    out = tmp_path / "out"
-    good = _write_part(out, ["/a.jpg", "/b.jpg"])
-    bad = _write_part(out, ["/c.jpg"], 1)
-    bad.write_bytes(bad.read_bytes()[:-20])  # a write killed before its footer
-    run_info = {"model_id": "m", "class_names": CLASSES, "partition_by": None, "with_true_label": False}
-    (out / output.RUN_MARKER).write_text(json.dumps(run_info))
-    (out / output.SUCCESS_FILE).write_text("{}")
-    with pytest.raises(CatdogError, match="model_id"):
-        PredictionsFolder(str(out)).prepare(overwrite=False, resume=True, run_info={**run_info, "model_id": "other"},
-                              schema=predictions_schema(CLASSES))
-    state = PredictionsFolder(str(out)).prepare(overwrite=False, resume=True, run_info=run_info,
-                                  schema=predictions_schema(CLASSES))
-    done = [row["path"] for table in PredictionsFolder(str(out)).iter_rows(["path"]) for row in table.to_pylist()]
-    assert sorted(done) == ["/a.jpg", "/b.jpg"]
-    assert state.kept_files == [str(good)] and len(state.quarantined) == 1
-    assert not bad.exists() and (out / output.QUARANTINE_DIR / bad.name).exists()
-    assert (out / output.SUCCESS_FILE).exists()  # kept until the resumed run is about to change rows
-    assert PredictionsFolder(str(out)).part_files() == [str(good)]
-    assert pd.read_parquet(out)["path"].tolist() == ["/a.jpg", "/b.jpg"]  # readers skip _quarantine
-
-
-def test_accounting_catches_duplicates_missing_and_unlisted_rows(tmp_path):
-    out = tmp_path / "out"
-    _write_part(out, ["/a.jpg", "/b.jpg"])
-    assert PredictionsFolder(str(out)).account(pa.array(["/a.jpg", "/b.jpg"]))["rows_written"] == 2
-    for listed in (["/a.jpg", "/b.jpg", "/c.jpg"], ["/a.jpg"], ["/a.jpg", "/c.jpg"]):
-        with pytest.raises(output.AccountingError):
-            PredictionsFolder(str(out)).account(pa.array(listed))
-    _write_part(out, ["/b.jpg"], 1)
-    with pytest.raises(output.AccountingError, match="1 duplicates"):
-        PredictionsFolder(str(out)).account(pa.array(["/a.jpg", "/b.jpg"]))
 
 
 def test_model_description_needs_no_tensorflow_and_names_the_artifact(tiny_model_run):
@@ -246,20 +161,6 @@ def test_unusable_run_folders_are_model_load_errors(tmp_path, tiny_model_run, ca
         describe_model(str(run))
 
 
-def test_a_late_write_of_a_killed_run_is_dropped_when_the_resumed_run_rescored_it(tmp_path):
-    out = tmp_path / "out"
-    kept = _write_part(out, ["/a.jpg"], 0, run_id="aaaaaaaaaaaa")  # scanned by the resume: not rescored
-    late = _write_part(out, ["/b.jpg", "/c.jpg"], 1, run_id="aaaaaaaaaaaa")  # appeared after the scan
-    _write_part(out, ["/b.jpg", "/c.jpg", "/d.jpg"], 0, run_id="bbbbbbbbbbbb")  # the resumed run
-    listed = pa.array(["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"])
-    folder = PredictionsFolder(str(out))
-    with pytest.raises(output.AccountingError, match="2 duplicates") as failed:
-        folder.account(listed)
-    assert failed.value.duplicates == 2
-    assert folder.drop_superseded_files("bbbbbbbbbbbb", str(tmp_path)) == [str(late)]
-    assert kept.exists() and folder.account(listed)["rows_written"] == 4
-
-
 def test_accounting_runs_in_a_one_shot_worker_and_its_verdicts_come_back_whole(tmp_path, ray_cluster):
     """With Ray up, accounting runs off the driver; a failed verdict still counts the repeated
     rows (the late-write recovery looks for them) and kept unlisted rows still count."""
@@ -267,14 +168,14 @@ def test_accounting_runs_in_a_one_shot_worker_and_its_verdicts_come_back_whole(t
     from catdog.score.run import _account_beside_driver
 
     out = tmp_path / "out"
-    _write_part(out, ["/a.jpg", "/b.jpg", "/old.jpg"], 0)
+    write_part(out, ["/a.jpg", "/b.jpg", "/old.jpg"], 0)
     folder = PredictionsFolder(str(out))
     for index, paths in enumerate((["/a.jpg"], ["/b.jpg"])):
         folder.write_listing_chunk(index, pa.table({"path": paths}))
     kept = ledger.split([pa.table({"path": ["/old.jpg"]})], str(tmp_path / "kept"), 1, pa.schema([("path", pa.string())]))
     counts = _account_beside_driver(folder, kept, listed_rows=2, scratch=str(tmp_path))
     assert (counts["rows_written"], counts["rows_not_in_listing"]) == (2, 1)
-    _write_part(out, ["/b.jpg"], 1)
+    write_part(out, ["/b.jpg"], 1)
     with pytest.raises(output.AccountingError, match="1 duplicates") as failed:
         _account_beside_driver(folder, kept, listed_rows=2, scratch=str(tmp_path))
     assert failed.value.duplicates == 1

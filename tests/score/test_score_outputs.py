@@ -17,7 +17,7 @@ CLASSES = ("ants", "bees", "cats")
 
 @pytest.fixture(scope="module")
 def three_class_run(tmp_path_factory):
-    from conftest import write_model_run
+    from support import write_model_run
 
     return write_model_run(tmp_path_factory.mktemp("three"), classes=CLASSES)
 

@@ -18,32 +18,11 @@ from catdog.io.inputs import list_inputs
 from catdog.io.sample_data import generate_sample_dataset, remove_sample_dataset
 from catdog.score.config import ScoreConfig
 from catdog.score.ledger import plan_resume
-from catdog.score.predictions_folder import RUN_MARKER, SUCCESS_FILE, PredictionsFolder, predictions_schema
-from conftest import run_job_module
-from test_score import CLASSES, _write_part
+from catdog.score.predictions_folder import SUCCESS_FILE, PredictionsFolder
+from support import run_job_module
 
 
 # ---- fast: the folder's own files, refusals, the resume plan, reading (no Ray) ----
-
-def test_overwrite_never_enters_another_output_nested_in_its_folder(tmp_path):
-    out = tmp_path / "preds"
-    ours = [_write_part(out, ["/a.jpg"]), _write_part(out / "label=cats", ["/b.jpg"], 1)]
-    (out / SUCCESS_FILE).write_text("{}")
-    (out / RUN_MARKER).write_text("{}")
-    # An earlier scoring run written inside this folder, and one that happens to be named label=dogs.
-    nested = [_write_part(out / "old", ["/x.jpg"]), _write_part(out / "old" / "label=cats", ["/y.jpg"], 1),
-              _write_part(out / "label=dogs", ["/z.jpg"], 2)]
-    for folder in (out / "old", out / "label=dogs"):
-        (folder / RUN_MARKER).write_text("{}")
-        (folder / SUCCESS_FILE).write_text("{}")
-    folder = PredictionsFolder(str(out))
-    assert folder.part_files() == sorted(str(p) for p in ours)  # listing, accounting and resume agree
-    state = folder.prepare(overwrite=True, resume=False, run_info={"model_id": "m"}, schema=predictions_schema(CLASSES))
-    assert state.deleted == 4  # two part files, the marker and _SUCCESS.json
-    assert not any(p.exists() for p in ours) and not (out / "label=cats").exists()
-    assert all(p.exists() for p in nested)
-    assert (out / "old" / SUCCESS_FILE).exists() and (out / "label=dogs" / RUN_MARKER).exists()
-
 
 @pytest.mark.parametrize("case", ["same", "inside_input", "holds_input", "root", "home", "holds_home", "bucket"])
 def test_outputs_that_overlap_the_input_or_a_root_are_refused(tmp_path, case):

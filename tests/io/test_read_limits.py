@@ -1,7 +1,7 @@
 """Reads that must not wait for ever (catdog.io.imaging) and the progress line that names them, without Ray.
 
 Real files, a real FIFO and device, and a real S3 server behind a proxy that never answers some
-reads (tests/stalling_s3.py). Each read that could hang runs under a join timeout of its own, so
+reads (tests/support/stalling_s3.py). Each read that could hang runs under a join timeout of its own, so
 a regression fails here instead of hanging the suite.
 """
 
@@ -120,7 +120,7 @@ class _Watcher:
 def stalling_bucket(s3_server, monkeypatch):
     """A bucket of its own (so `file_reads._filesystem_for` makes a new filesystem, through the proxy)
     on the session's S3 server, read through a proxy that never answers GETs of keys with "stall"."""
-    from stalling_s3 import StallingS3Proxy
+    from support.stalling_s3 import StallingS3Proxy
 
     bucket = s3_server.new_bucket()
     with StallingS3Proxy(s3_server.endpoint, stall="stall") as proxy:

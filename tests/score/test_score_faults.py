@@ -22,10 +22,10 @@ from PIL import Image
 from catdog.score import predictions_folder as output
 from catdog.score.config import ScoreConfig
 from catdog.score.predictions_folder import PredictionsFolder
-from conftest import run_job_module, write_model_run
-from hostile_corpus import write_huge_png
+from support import run_job_module, write_model_run
+from support.hostile_corpus import write_huge_png
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREDICTOR_CLASS = "MapWorker(MapBatches(Predictor))"
 # With 160 photos per fault run, inference at 128 px outlasts detecting the first output file and
 # killing by seconds (~3 s of work on 2 idle cores), and stays small for the test budget.

@@ -1,5 +1,5 @@
 """Training on a real multi-node Ray cluster: a head that takes no tasks and three 1-CPU worker
-nodes, each its own raylet on 127.0.0.1 (the `multinode` fixture, tests/multinode.py).
+nodes, each its own raylet on 127.0.0.1 (the `multinode` fixture, tests/support/multinode.py).
 
 `python -m jobs.train` runs as a subprocess joined to that cluster through RAY_ADDRESS, as a
 submitted job does; the test process asks the cluster's GCS where the Train workers run and
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from catdog.cluster.checks import SHARED_STORAGE_FLAG, is_node_local
-from multinode import REPO, MultiNodeCluster
+from support.multinode import REPO, MultiNodeCluster
 
 ARTIFACTS = ["model.keras", "classes.json", "config.json", "metrics.json", "history.csv", "curves.png"]
 NODE_LOSS_EPOCHS = 30  # short epochs (~0.3 s): the node goes with a margin of many epochs

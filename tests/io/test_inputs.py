@@ -11,7 +11,7 @@ import pytest
 
 from catdog.errors import InputError
 from catdog.io.inputs import list_inputs, normalise_path
-from hostile_corpus import write_corpus
+from support.hostile_corpus import write_corpus
 
 
 def _touch(path: Path, data: bytes = b"x") -> Path:

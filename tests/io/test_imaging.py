@@ -18,10 +18,10 @@ from PIL import Image
 from benchmarks.peak_memory import run_python
 from catdog.errors import ImageDecodeError
 from catdog.io.imaging import decode_image, error_kind, read_and_decode
-from hostile_corpus import MAX_PIXELS, write_corpus, write_huge_png
+from support.hostile_corpus import MAX_PIXELS, write_corpus, write_huge_png
 
 SIZE = 32
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

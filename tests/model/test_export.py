@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_job_module
+from support import run_job_module
 
 IMAGE_SIZE = 32  # tiny_model_run's
 # Both signatures get catdog's pixels for the real photos (the in-graph decoder is exact on them), so

@@ -18,11 +18,11 @@ import pytest
 from catdog.io.paths import local_path_bytes
 from catdog.io.sample_data import generate_sample_dataset
 from catdog.score.predictions_folder import SUCCESS_FILE, PredictionsFolder, predictions_schema
-from conftest import run_job_module
-from hostile_corpus import MAX_PIXELS, write_corpus, write_storage_oddities
-from test_resume_safety import FullDisk, _replaced
+from support import run_job_module
+from support.hostile_corpus import MAX_PIXELS, write_corpus, write_storage_oddities
+from support.outputs import FullDisk, replaced_paths
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -114,7 +114,7 @@ def test_a_rewrite_cut_short_by_a_full_disk_is_repaired_by_the_next_resume(ray_c
     folder = PredictionsFolder(str(out))
     folder.fs = pafs.PyFileSystem(FullDisk(4))
     with pytest.raises(OSError, match="injected"):
-        folder.remove_rows(_replaced(tmp_path, [first]), "bbbbbbbbbbbb", predictions_schema(("cats", "dogs")),
+        folder.remove_rows(replaced_paths(tmp_path, [first]), "bbbbbbbbbbbb", predictions_schema(("cats", "dogs")),
                            str(tmp_path))
     assert not PredictionsFolder(str(out)).part_files()
     capsys.readouterr()

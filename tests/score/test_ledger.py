@@ -1,6 +1,7 @@
 """Set work at scale (catdog.score.ledger, PredictionsFolder.account, InputSource.chunks): the bucketed
 resume plan and accounting give the verdicts of a whole-table comparison, a folder listed in chunks
-gives the rows of a one-shot listing, and no step holds more than a chunk or a bucket."""
+gives the rows of a one-shot listing, transient errors are planned for a retry, replaced rows are
+found file by file, and no step holds more than a chunk or a bucket."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from catdog.io import inputs
 from catdog.score import ledger
 from catdog.score.ledger import plan_resume
 from catdog.score.predictions_folder import AccountingError, PredictionsFolder
-from test_score import _write_part
+from support.outputs import PATHS, write_part
 
 N = 3000
 
@@ -78,11 +79,11 @@ def test_accounting_verdicts_with_planted_rows(tmp_path, monkeypatch, plant, mes
     if plant == "missing":
         written = written[11:]
     for task, start in enumerate(range(0, len(written), 1000)):
-        _write_part(out, written[start:start + 1000], task)
+        write_part(out, written[start:start + 1000], task)
     if plant == "duplicate":
-        _write_part(out, paths[100:107], 7, run_id="bbbbbbbbbbbb")
+        write_part(out, paths[100:107], 7, run_id="bbbbbbbbbbbb")
     if plant == "unlisted":
-        _write_part(out, _paths(5, "/elsewhere"), 8)
+        write_part(out, _paths(5, "/elsewhere"), 8)
     folder = PredictionsFolder(str(out))
     for index, start in enumerate(range(0, N, 1000)):
         folder.write_listing_chunk(index, _listing(paths[start:start + 1000]))
@@ -90,7 +91,7 @@ def test_accounting_verdicts_with_planted_rows(tmp_path, monkeypatch, plant, mes
         counts = folder.account(listed_rows=N)
         assert counts["rows_written"] == N and counts["errors"] == 0 and counts["rows_not_in_listing"] == 0
         # Rows of paths a resume reported as no longer listed are kept out of the verdict.
-        _write_part(out, _paths(5, "/elsewhere"), 9)
+        write_part(out, _paths(5, "/elsewhere"), 9)
         with pytest.raises(AccountingError, match="5 for unlisted"):
             folder.account(listed_rows=N)
         assert folder.account(kept_unlisted=pa.array(_paths(5, "/elsewhere")))["rows_not_in_listing"] == 5
@@ -123,3 +124,27 @@ def test_a_manifest_is_read_in_chunks(tmp_path):
     csv = tmp_path / "m.csv"
     csv.write_text("path\n" + "\n".join(_paths(250)) + "\n")
     assert sum(c.num_rows for c in inputs.open_input(str(csv)).chunks(chunk_rows=64)) == 250
+
+
+def test_resume_retries_transient_errors_and_keeps_permanent_ones():
+    listed = pa.table({"path": ["/ok", "/link", "/slow", "/bad", "/s3"], "file_size": pa.array([1] * 5, pa.int64())})
+    done = pa.table({"path": ["/ok", "/link", "/slow", "/bad", "/s3", "/gone"],
+                     "file_size": pa.array([1] * 6, pa.int64()),
+                     "error": [None, "read_error: FileNotFoundError: dangling", "read_timeout: no data after 120 s",
+                               "not_an_image: cannot identify", "read_error: OSError: AWS error 503", "read_error: x"]})
+    plan = ledger.plan_resume(listed, done)
+    assert sorted(plan.retried.to_pylist()) == ["/link", "/s3", "/slow"]  # /gone is not listed: not retried
+    assert sorted(plan.todo["path"].to_pylist()) == ["/link", "/s3", "/slow"]
+    assert not len(plan.changed) and plan.unlisted.to_pylist() == ["/gone"] and plan.overlap == 5
+
+
+def test_locate_finds_every_replaced_row_file_by_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger, "FILES_PER_HIT_BUCKET", 2)  # several groups of files
+    rng = np.random.default_rng(0)
+    files = [[f"/img/{f}-{i}.jpg" for i in range(rng.integers(1, 40))] for f in range(9)]
+    wanted = [p for names in files for p in names if rng.random() < 0.3] + ["/not/there.jpg"]
+    buckets = ledger.split([pa.table({"path": wanted})], str(tmp_path / "w"), 4, PATHS)
+    found = {index: rows.tolist() for index, rows in
+             ledger.locate(list(range(9)), lambda f: pa.array(files[f]), buckets, str(tmp_path))}
+    expected = {f: [i for i, p in enumerate(names) if p in set(wanted)] for f, names in enumerate(files)}
+    assert found == {f: rows for f, rows in expected.items() if rows}

@@ -31,12 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from netinfo import listeners, process_tree
-from s3local import weights_file
+from support.netinfo import listeners, process_tree
+from support.s3local import weights_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 HEAD_START_TIMEOUT_S = 90

@@ -1,6 +1,6 @@
 """catdog's URI handling against a local S3-compatible server (moto, on 127.0.0.1), no AWS.
 
-The training and scoring jobs themselves run against s3:// URIs in tests/test_job_submit.py,
+The training and scoring jobs themselves run against s3:// URIs in tests/cluster/test_job_submit.py,
 submitted to a real Ray head as on a cluster. Here: the storage and decoding functions those jobs
 use, in this process, checked with boto3 (an S3 client independent of catdog's pyarrow code), and
 a job's user mistake on S3 mapped to exit code 2.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_job_module
+from support import run_job_module
 
 
 def test_storage_round_trip_on_s3(s3_env, tmp_path):

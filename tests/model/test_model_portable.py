@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_model_run
+from support import write_model_run
 
 IMAGE_SIZE = 64
 PHOTOS_PER_CLASS = 2

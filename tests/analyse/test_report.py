@@ -19,7 +19,7 @@ from catdog.errors import InputError
 from catdog.score.predictions_folder import predictions_schema, prob_column
 from jobs import report as report_job
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("cats", "dogs")
 START = datetime(2025, 1, 1, tzinfo=timezone.utc)
 

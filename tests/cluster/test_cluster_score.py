@@ -1,6 +1,6 @@
 """Scoring on real multi-node and autoscaling Ray clusters, every node on 127.0.0.1 (no mocks of Ray).
 
-- The `multinode` fixture (tests/multinode.py): a head that takes no tasks and three 1-CPU worker
+- The `multinode` fixture (tests/support/multinode.py): a head that takes no tasks and three 1-CPU worker
   nodes. Local paths are refused there unless --assume-shared-storage says every node mounts them
   (here they do: one machine); --use-gpu exits 2 at once (no GPU, no autoscaler); and a node is
   removed for real (its raylet, object store and workers SIGKILLed) while it runs a predictor,
@@ -34,8 +34,8 @@ import pytest
 
 from catdog.cluster.checks import SHARED_STORAGE_FLAG
 from catdog.score.predictions_folder import PredictionsFolder
-from conftest import REAL_PHOTOS, write_model_run
-from multinode import LOCAL_ONLY_ENV, LOOPBACK, REPO
+from support import REAL_PHOTOS, write_model_run
+from support.multinode import LOCAL_ONLY_ENV, LOOPBACK, REPO
 
 PHOTOS = 160
 PREDICTOR_CLASS = "MapWorker(MapBatches(Predictor))"

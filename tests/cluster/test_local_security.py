@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from netinfo import Listener
+from support.netinfo import Listener
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_PORT = 8265
 
 _CHILD = r"""
 import json, os, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import ray
-from netinfo import listeners, process_tree
+from support.netinfo import listeners, process_tree
 if sys.argv[3] == "catdog":
     from catdog.cluster.session import init_ray
     init_ray(num_cpus=1)

@@ -22,7 +22,7 @@ import ray
 import ray.autoscaler
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO / "cluster.yaml"
 DASHBOARD_PORT = 8265  # dashboard and Jobs API
 SSH_PORT = 22

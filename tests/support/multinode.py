@@ -1,7 +1,7 @@
 """A real multi-node Ray cluster on this machine, for tests: a head that takes no tasks (like
 cluster.yaml's) and worker nodes, each its own raylet, every one on 127.0.0.1.
 
-The cluster lives in a process of its own (`python tests/multinode.py`, driven over a pipe, one
+The cluster lives in a process of its own (`python tests/support/multinode.py`, driven over a pipe, one
 JSON request and one JSON reply per line):
 - the pytest process is already a driver of the session's local Ray, and a process joins one
   Ray cluster only;
@@ -36,7 +36,7 @@ LOOPBACK = "127.0.0.1"
 # variable set to 0 before Ray is imported every node and driver stays on loopback
 # (../shared/notes/ray-tf-behaviour.md, Several Ray nodes on one machine).
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120  # head + 3 nodes start in ~10 s here; the 2 cores are shared with other runs
 REQUEST_TIMEOUT_S = 60
 NODE_DEATH_TIMEOUT_S = 60

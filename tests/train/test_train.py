@@ -19,7 +19,7 @@ import pytest
 from catdog.io.labelled import list_labelled_images, split_train_val
 from catdog.train.calibration import MIN_ROWS_PER_HALF, fit_half
 from catdog.train.config import TrainConfig
-from conftest import job_lines, run_job_module
+from support import job_lines, run_job_module
 
 ARTIFACTS = ["model.keras", "classes.json", "config.json", "metrics.json", "history.csv", "curves.png"]
 

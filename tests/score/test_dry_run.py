@@ -14,7 +14,7 @@ from catdog.errors import OutputExistsError
 from catdog.io.sample_data import generate_sample_dataset
 from catdog.score.config import ScoreConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model_run, tmp_path):

@@ -15,7 +15,7 @@ from catdog.errors import OutputExistsError
 from catdog.io.sample_data import generate_sample_dataset
 from catdog.model.run_folder import RUN_FILES, RUN_MARKER, RunFolder
 from catdog.train.config import TrainConfig
-from conftest import job_lines, run_job_module
+from support import job_lines, run_job_module
 
 HISTORY = [{"epoch": 1, "loss": 1.0, "accuracy": 0.5, "val_loss": 1.1, "val_accuracy": 0.5, "epoch_time_s": 1.0}]
 RUN_ID = "0123456789ab"
