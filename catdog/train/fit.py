@@ -11,6 +11,7 @@ import time
 
 from catdog.model.run_folder import RunFolder
 from catdog.train.config import TrainConfig
+from catdog.train.loop_config import WorkerLoopConfig
 
 
 def embedding_overlaps_fit(config: TrainConfig) -> bool:
@@ -30,7 +31,7 @@ def embedding_overlaps_fit(config: TrainConfig) -> bool:
     return not config.use_gpu or total.get("GPU", 0.0) >= both
 
 
-def fit_while_embedding(config: TrainConfig, loop_config: dict, run_name: str, embed) -> tuple:
+def fit_while_embedding(config: TrainConfig, loop_config: WorkerLoopConfig, run_name: str, embed) -> tuple:
     """Start the fit at once and compute the embeddings meanwhile, in a thread of this driver.
 
     The workers wait for the embeddings at a `FeatureHandoff` actor. When `embed` fails, the
@@ -68,7 +69,7 @@ def fit_while_embedding(config: TrainConfig, loop_config: dict, run_name: str, e
     thread = threading.Thread(target=embed_and_hand_off, name="catdog-embeddings", daemon=True)
     thread.start()
     try:
-        result, worker_log = fit(config, {**loop_config, "feature_handoff": handoff}, None, run_name)
+        result, worker_log = fit(config, loop_config.with_features(handoff=handoff), None, run_name)
     except Exception:
         thread.join()
         if "error" in outcome:
@@ -83,7 +84,7 @@ def trainer_class():
 
     - PlacementGroupCleaner: in Ray 2.60 it stalls every fit at shutdown until a timeout ("Failed
       to stop PlacementGroupCleaner gracefully", a GetTimeoutError; pinned by
-      tests/test_train.py). It only matters when the Train controller dies while
+      tests/train/test_train.py). It only matters when the Train controller dies while
       its driver lives on; then the driver's `fit()` fails, the job ends, and Ray removes the
       job's placement groups anyway.
     - Datasets, when the trainer has no datasets (cached mode reads its embeddings from the object
@@ -109,7 +110,9 @@ def trainer_class():
     return CatdogTensorflowTrainer
 
 
-def fit(config: TrainConfig, loop_config: dict, datasets: dict | None, run_name: str):
+def fit(config: TrainConfig, loop_config: WorkerLoopConfig, datasets: dict | None, run_name: str):
+    """Run `train_loop_per_worker` on `config.num_workers` workers with `loop_config`; returns the
+    Ray Train result and the path of the worker report log."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
 
@@ -123,7 +126,7 @@ def fit(config: TrainConfig, loop_config: dict, datasets: dict | None, run_name:
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
     trainer = trainer_class()(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=loop_config.as_train_loop_config(),  # Ray wants a dict: {"loop": loop_config}
         tensorflow_config=TensorflowWorkersConfig(),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources,
                                      placement_strategy=PLACEMENTS[config.placement]),

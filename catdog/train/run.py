@@ -157,13 +157,12 @@ def train(config: TrainConfig) -> TrainResult:
 
     drop_worker_log_noise()
 
-    loop_config = {
-        "model_spec": spec.to_dict(), "mode": config.mode, "weights": config.weights_arg, "seed": config.seed,
-        "backbone_seed": BACKBONE_SEED, "backbone_fingerprint": fingerprint, "epochs": config.epochs,
-        "learning_rate": config.learning_rate, "patience": config.patience, "augment": config.augment, "use_gpu": config.use_gpu,
-        "per_worker_batch_size": config.per_worker_batch_size, "tensorboard_dir": run.tensorboard_dir(),
-        "feature_refs": None,  # cached mode: object refs of the train/val embeddings (or "feature_handoff")
-    }
+    from catdog.train.loop_config import WorkerLoopConfig
+
+    # the workers' settings; cached mode adds the embeddings' refs (or the handoff actor) below
+    loop_config = WorkerLoopConfig.from_train_config(config, spec.to_dict(), backbone_seed=BACKBONE_SEED,
+                                                     backbone_fingerprint=fingerprint,
+                                                     tensorboard_dir=run.tensorboard_dir())
     step = time.perf_counter()
 
     def embed() -> TrainingData:
@@ -181,7 +180,7 @@ def train(config: TrainConfig) -> TrainResult:
         data.check_enough(config.num_workers)
         # ---- data-parallel fit --------------------------------------------------------------------
         step = time.perf_counter()
-        result, worker_log = fit(config, {**loop_config, "feature_refs": data.feature_refs}, data.datasets, run_name)
+        result, worker_log = fit(config, loop_config.with_features(data.feature_refs), data.datasets, run_name)
         timings["training_s"] = time.perf_counter() - step
     if data.cache is not None:
         data.cache["alongside_ray_train_start"] = overlapped
