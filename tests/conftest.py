@@ -98,7 +98,7 @@ def real_photos() -> Path:
     """The 500 Kaggle photos beside the project; tests using it skip when the folder is absent."""
     if not (REAL_PHOTOS / "cats").is_dir():
         pytest.skip(f"real photos not found at {REAL_PHOTOS}")
-    return REAL_PHOTOS
+    return REAL_PHOTOS.resolve()  # the spelling the rows use (real paths), where ../shared is a link
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from catdog.score.config import ScoreConfig
 from catdog.score.predictions_folder import PredictionsFolder, predictions_schema
 from support import job_lines, run_job_module
 from support.hostile_corpus import MAX_PIXELS, write_corpus, write_storage_oddities
+from support.outputs import write_part
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["cats", "dogs"]
